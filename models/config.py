@@ -1,0 +1,244 @@
+"""Typed configuration of a JanusFlow model and the presets, the one place their shapes live.
+
+A config is plain data (dataclasses of ints, floats and strings) so that it round-trips through
+config.json and can be checked before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# The understanding system prompt of the official processor; the deepseek chat template puts it
+# before the first user turn.
+RELEASE_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+
+
+@dataclass
+class LLMConfig:
+    """A Llama decoder (DeepSeek-LLM is one). Field names follow transformers' LlamaConfig."""
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 5504
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    bos_token_id: int = 100000
+    eos_token_id: int = 100001
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class VisionConfig:
+    """The understanding encoder f_enc, a SigLIP vision tower without its pooling head."""
+
+    image_size: int = 384
+    patch_size: int = 16
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-6
+    # The release's timm tower uses exact GELU; Google's SigLIP checkpoints use the tanh form.
+    hidden_act: str = "gelu"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class VAEConfig:
+    """A diffusers AutoencoderKL; the defaults are SDXL-VAE's."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.13025
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class GenConfig:
+    """The generation adapters g_enc / g_dec (ConvNeXt, time-conditioned) and their aligners."""
+
+    image_size: int = 384
+    channels: int = 768
+    patch_size: int = 2
+    blocks: int = 2
+    time_channels: int = 768
+    mlp_ratio: int = 4
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+
+
+@dataclass
+class RepaConfig:
+    """REPA head h_phi: a 3-layer MLP from LLM width to f_enc width on block `layer`'s output."""
+
+    layer: int = 6
+    hidden_size: int = 2048
+
+
+@dataclass
+class JanusFlowConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    system_prompt: str = RELEASE_SYSTEM_PROMPT
+    preset: str = "custom"
+
+    # -- derived shapes ---------------------------------------------------------------------------
+    @property
+    def latent_size(self) -> int:
+        return self.gen.image_size // self.vae.downsample
+
+    @property
+    def gen_grid(self) -> int:
+        return self.latent_size // self.gen.patch_size
+
+    @property
+    def num_gen_tokens(self) -> int:
+        return self.gen_grid**2
+
+    @property
+    def num_und_tokens(self) -> int:
+        return self.vision.grid**2
+
+    def validate(self) -> "JanusFlowConfig":
+        """Raise ValueError naming the field when the shapes cannot fit together."""
+        checks = [
+            (self.vision.image_size % self.vision.patch_size == 0,
+             f"vision.image_size ({self.vision.image_size}) must be a multiple of vision.patch_size "
+             f"({self.vision.patch_size})"),
+            (self.gen.image_size % (self.vae.downsample * self.gen.patch_size) == 0,
+             f"gen.image_size ({self.gen.image_size}) must be a multiple of the VAE downsample "
+             f"({self.vae.downsample}) x gen.patch_size ({self.gen.patch_size})"),
+            (self.gen_grid == self.vision.grid,
+             f"the generation grid ({self.gen_grid}x{self.gen_grid}) must equal the f_enc grid "
+             f"({self.vision.grid}x{self.vision.grid}) for REPA: change gen.image_size, "
+             f"gen.patch_size or vision.image_size"),
+            (1 <= self.repa.layer <= self.llm.num_hidden_layers,
+             f"repa.layer ({self.repa.layer}) must be in [1, llm.num_hidden_layers="
+             f"{self.llm.num_hidden_layers}]"),
+            (self.llm.hidden_size % self.llm.num_attention_heads == 0,
+             "llm.hidden_size must be divisible by llm.num_attention_heads"),
+            (self.vision.hidden_size % self.vision.num_attention_heads == 0,
+             "vision.hidden_size must be divisible by vision.num_attention_heads"),
+            (all(c % self.vae.norm_num_groups == 0 for c in self.vae.block_out_channels),
+             "vae.block_out_channels must all be multiples of vae.norm_num_groups"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JanusFlowConfig":
+        """Build from a dict, refusing unknown keys so a typo never passes silently."""
+        sections = {"llm": LLMConfig, "vision": VisionConfig, "vae": VAEConfig, "gen": GenConfig,
+                    "repa": RepaConfig}
+        top_fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - top_fields)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in sections:
+                kwargs[name] = _section(sections[name], name, value)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs).validate()
+
+
+def _section(section_cls, name: str, value: dict[str, Any]):
+    if not isinstance(value, dict):
+        raise ValueError(f"config section '{name}' must be a mapping, got {type(value).__name__}")
+    allowed = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown config key(s) in '{name}': {', '.join(unknown)}")
+    out = {}
+    for key, item in value.items():
+        default = getattr(section_cls(), key)
+        if isinstance(default, tuple):
+            item = tuple(item)
+        elif isinstance(default, bool):
+            if not isinstance(item, bool):
+                raise ValueError(f"{name}.{key} must be a boolean, got {item!r}")
+        elif isinstance(default, (int, float)) and not isinstance(item, (int, float)):
+            raise ValueError(f"{name}.{key} must be a number, got {item!r}")
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(item, float):
+            if not item.is_integer():
+                raise ValueError(f"{name}.{key} must be an integer, got {item!r}")
+            item = int(item)
+        out[key] = item
+    return section_cls(**out)
+
+
+def _tiny() -> JanusFlowConfig:
+    # Under 1M parameters: 32 px images, a 4x4 token grid on both paths, 2 LLM blocks.
+    return JanusFlowConfig(
+        llm=LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      bos_token_id=0, eos_token_id=1),
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2),
+        vae=VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                      scaling_factor=1.0),
+        gen=GenConfig(image_size=32, channels=32, blocks=2, time_channels=32),
+        repa=RepaConfig(layer=1, hidden_size=64),
+        system_prompt="",
+        preset="tiny",
+    )
+
+
+def _shapes() -> JanusFlowConfig:
+    # The embedded demo: 64 px scenes, an 8x8 grid (64 image tokens), a 4-block LLM of width 256.
+    # Small enough that bootstrap + three stages train on 2 CPU cores in minutes.
+    return JanusFlowConfig(
+        llm=LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=0, eos_token_id=1),
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
+                            num_hidden_layers=4, num_attention_heads=4),
+        vae=VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                      scaling_factor=1.0),
+        gen=GenConfig(image_size=64, channels=128, blocks=2, time_channels=128),
+        repa=RepaConfig(layer=2, hidden_size=256),
+        system_prompt="",
+        preset="shapes",
+    )
+
+
+def _janusflow_1_3b() -> JanusFlowConfig:
+    return JanusFlowConfig(preset="janusflow-1.3b")
+
+
+PRESETS = {"tiny": _tiny, "shapes": _shapes, "janusflow-1.3b": _janusflow_1_3b}
+
+
+def preset(name: str) -> JanusFlowConfig:
+    """A fresh config for a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
