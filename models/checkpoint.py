@@ -143,12 +143,7 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
     vae = AutoencoderKL.from_pretrained(str(path / "vae"))
     model = JanusFlow(config, vae=vae)
     load_weights(model, read_weights(path))
-    processor = JanusFlowProcessor.from_pretrained(
-        path, image_size=config.vision.image_size, num_image_tokens=config.num_und_tokens,
-        system_prompt=config.system_prompt)
-    if len(processor) > config.llm.vocab_size:
-        raise CheckpointError(f"tokenizer in {path} has {len(processor)} tokens but the LLM "
-                              f"embeds only {config.llm.vocab_size}")
+    processor = JanusFlowProcessor.from_pretrained(path, config)
     return model.to(device=device, dtype=dtype).eval(), processor
 
 
@@ -195,8 +190,7 @@ def from_components(*, llm_dir: str | Path, vision_dir: str | Path, vae_dir: str
                              preset="components")
     if system_prompt is not None:
         config.system_prompt = system_prompt
-    processor = JanusFlowProcessor(tokenizer, image_size=vis_cfg.image_size,
-                                   num_image_tokens=grid * grid, system_prompt=config.system_prompt)
+    processor = JanusFlowProcessor.for_config(tokenizer, config, check_vocab=False)
     if len(processor) > llm_cfg.vocab_size:
         # The processor added special tokens the tokenizer lacked: give them embedding rows.
         llm.resize_token_embeddings(len(processor))

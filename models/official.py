@@ -183,10 +183,5 @@ def load_official(src: str | Path, *, vae_dir: str | Path) -> tuple[JanusFlow, J
     model = JanusFlow(config, vae=vae)
     load_weights(model, converted, allow_missing=("repa_head.",))
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    processor = JanusFlowProcessor(tokenizer, image_size=config.vision.image_size,
-                                   num_image_tokens=config.num_und_tokens,
-                                   system_prompt=config.system_prompt)
-    if len(processor) > config.llm.vocab_size:
-        raise CheckpointError(f"tokenizer has {len(processor)} tokens, the LLM embeds only "
-                              f"{config.llm.vocab_size}")
+    processor = JanusFlowProcessor.for_config(tokenizer, config)
     return model.eval(), processor, dropped

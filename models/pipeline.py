@@ -51,12 +51,7 @@ class JanusFlowPipeline:
             tokenizer = build_tokenizer(_SEED_TEXT, vocab_size=min(config.llm.vocab_size, 512))
         torch.manual_seed(seed)
         model = JanusFlow(config)
-        processor = JanusFlowProcessor(tokenizer, image_size=config.vision.image_size,
-                                       num_image_tokens=config.num_und_tokens,
-                                       system_prompt=config.system_prompt)
-        if len(processor) > config.llm.vocab_size:
-            raise ValueError(f"tokenizer has {len(processor)} tokens, more than llm.vocab_size="
-                             f"{config.llm.vocab_size}")
+        processor = JanusFlowProcessor.for_config(tokenizer, config)
         return cls(model.eval(), processor)
 
     @classmethod

@@ -67,11 +67,18 @@ class JanusFlowProcessor:
             raise ValueError("the tokenizer must define bos_token and eos_token")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, image_size: int, num_image_tokens: int,
-                        system_prompt: str = "") -> "JanusFlowProcessor":
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(tokenizer, image_size=image_size, num_image_tokens=num_image_tokens,
-                   system_prompt=system_prompt)
+    def for_config(cls, tokenizer, config, *, check_vocab: bool = True) -> "JanusFlowProcessor":
+        """The processor of a model config; refuses a tokenizer the LLM has no embeddings for."""
+        processor = cls(tokenizer, image_size=config.vision.image_size,
+                        num_image_tokens=config.num_und_tokens, system_prompt=config.system_prompt)
+        if check_vocab and len(processor) > config.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {len(processor)} tokens but llm.vocab_size is "
+                             f"{config.llm.vocab_size}: the LLM has no embedding for the rest")
+        return processor
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config, *, check_vocab: bool = True) -> "JanusFlowProcessor":
+        return cls.for_config(AutoTokenizer.from_pretrained(str(path)), config, check_vocab=check_vocab)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(str(path))

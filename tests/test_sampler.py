@@ -96,3 +96,11 @@ def test_top_p_sampling_is_seeded(tiny_copy):
     assert a == tiny_copy.answer(image, "What colour?", seed=1, **kw)
     answers = {tiny_copy.answer(image, "What colour?", seed=s, **kw) for s in range(6)}
     assert len(answers) > 1
+
+
+def test_nucleus_of_almost_zero_mass_is_greedy(tiny_copy):
+    randomize_(tiny_copy.model)
+    image = Image.new("RGB", (16, 16), (0, 255, 0))
+    greedy = tiny_copy.answer(image, "What colour?", max_new_tokens=5)
+    assert greedy == tiny_copy.answer(image, "What colour?", max_new_tokens=5, temperature=2.0,
+                                      top_p=1e-6, seed=3)
