@@ -11,10 +11,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from models.pipeline import JanusFlowPipeline
+from models.processor import tensor_to_pil
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",
            "three purple circles"]
@@ -30,7 +30,6 @@ def run_demo(out: Path, *, preset: str = "shapes", steps: int = 30) -> dict:
     from flows.cli import _print_summary, model_summary
 
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print("== the paper's model, built on the meta device")
     _print_summary(model_summary("janusflow-1.3b"))
 
@@ -45,7 +44,7 @@ def run_demo(out: Path, *, preset: str = "shapes", steps: int = 30) -> dict:
     cached, t_cached = _timed(lambda: pipe(PROMPTS, use_cache=True, **kwargs))
     full, t_full = _timed(lambda: pipe(PROMPTS, use_cache=False, **kwargs))
     diff = float((cached - full).abs().max())
-    images = [Image.fromarray(x) for x in _to_uint8(pipe.model.decode_latents(cached))]
+    images = [tensor_to_pil(x) for x in pipe.model.decode_latents(cached)]
     image_dir = out / "images"
     image_dir.mkdir(exist_ok=True)
     for i, image in enumerate(images):
@@ -66,7 +65,3 @@ def run_demo(out: Path, *, preset: str = "shapes", steps: int = 30) -> dict:
     print(f"\nwrote {out / 'demo.json'}")
     return report
 
-
-def _to_uint8(images: torch.Tensor):
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
