@@ -102,6 +102,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.cli_data import add_data_commands
     from models.config import PRESETS
 
     parser = argparse.ArgumentParser(prog="janusflow", description=__doc__.splitlines()[0])
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=None)
     ask.set_defaults(func=cmd_ask)
+
+    add_data_commands(sub)
 
     demo = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo")

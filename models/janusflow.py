@@ -124,6 +124,11 @@ class JanusFlow(nn.Module):
         z = z_BCHW.to(self.vae.dtype) / self.config.vae.scaling_factor
         return self.vae.decode(z).sample.clamp(-1, 1)
 
+    @torch.no_grad()
+    def repa_target(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        """REPA's stop-gradient target: f_enc patch features (B, N, D_enc) of images in [-1, 1]."""
+        return self.vision(pixel_values=pixels_BCHW.to(self.und_aligner.weight.dtype)).last_hidden_state
+
     # -- understanding ------------------------------------------------------------------------------
     def understanding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(M, 3, S, S) in [-1, 1] -> (M, 1 + N, D_llm): beg_of_und_embed then aligned f_enc tokens."""
@@ -236,8 +241,7 @@ class JanusFlow(nn.Module):
         loss = rf
         if need_repa:
             if repa_target is None:
-                with torch.no_grad():
-                    repa_target = self.vision(pixel_values=repa_pixels).last_hidden_state
+                repa_target = self.repa_target(repa_pixels)
             pred = self.repa_head(hidden[:, -self.config.num_gen_tokens:])
             repa = -F.cosine_similarity(pred.float(), repa_target.detach().float(), dim=-1).mean()
             loss = loss + repa_weight * repa

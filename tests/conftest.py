@@ -31,3 +31,26 @@ def randomize_(model, seed: int = 1) -> None:
             if name.startswith("vae."):
                 continue
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+SMALL_SHAPES = dict(seed=0, image_size=64, train_gen=60, train_und=60, train_text=30, heldout_gen=12,
+                    heldout_und=12, unseen_gen=8, unseen_und=8, eval_per_category=2,
+                    vocab_size=600, shard_size=25)
+
+
+@pytest.fixture(scope="session")
+def shapes_corpus(tmp_path_factory):
+    """A small shapes corpus (several shards per kind), built once per session."""
+    from data.shapes.corpus import ShapesParams, build_shapes_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "shapes"
+    build_shapes_corpus(root, ShapesParams.from_dict(SMALL_SHAPES), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_processor(shapes_corpus):
+    from models.config import preset
+    from models.processor import JanusFlowProcessor
+
+    return JanusFlowProcessor.from_pretrained(shapes_corpus / "tokenizer", preset("shapes"))

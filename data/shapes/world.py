@@ -47,7 +47,7 @@ class Scene:
                    if (shape is None or o.shape == shape) and (colour is None or o.colour == colour))
 
 
-def _overlaps(a: Obj, b: Obj) -> bool:
+def overlaps(a: Obj, b: Obj) -> bool:
     gap = (SIZES[a.size] + SIZES[b.size]) / 2 + 0.04
     return abs(a.x - b.x) < gap and abs(a.y - b.y) < gap
 
@@ -61,7 +61,7 @@ def place(rng: np.random.Generator, shape: str, colour: str, size: str, others: 
         return None
     for _ in range(tries):
         obj = Obj(shape, colour, size, float(rng.uniform(lo, hi)), float(rng.uniform(half, 1 - half)))
-        if not any(_overlaps(obj, o) for o in others):
+        if not any(overlaps(obj, o) for o in others):
             return obj
     return None
 
