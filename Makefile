@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo data clean
 
 # torch first, pinned, so pip takes the local CPU wheel instead of resolving a CUDA build.
 $(STAMP): pyproject.toml
@@ -32,6 +32,10 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/janusflow demo --out runs/demo
+
+# The DVC pipeline's data stage; DVC runs `janusflow`, so the venv goes first on PATH.
+data: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro data
 
 clean:
 	rm -rf runs .pytest_cache

@@ -90,3 +90,18 @@ def _count_dropped(batch):
             text_hidden = (batch.roles[r][sel] == 0) & ~batch.visible[r][sel]
             n += int(text_hidden.any())
     return n
+
+
+def test_stage_defaults_follow_the_paper():
+    from data.stages import stage_data
+
+    two = stage_data(2, warmup_mix_steps=25)
+    mixer = Mixer(two["mix"], SIZES)
+    opening = [mixer.next(step=s)[0] for s in range(20)]
+    assert opening.count("und") == 6 and opening.count("gen") == 10 and opening.count("text") == 4
+    assert mixer.phase_at(24) == 0 and mixer.phase_at(25) == 1
+    assert stage_data(3)["gen_template"] == "chat" and stage_data(1)["mix"]["text"] == 0
+    with pytest.raises(DataError, match="unknown data setting"):
+        stage_data(1, ratio=3)
+    with pytest.raises(DataError, match="stage 2"):
+        stage_data(3, warmup_mix_steps=5)
