@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from data.shards import DataError
+from models.packed import GEN_IMAGE, GEN_TIME, TEXT, UND_IMAGE  # noqa: F401  (roles)
 from models.processor import IGNORE_INDEX, JanusFlowProcessor, pil_to_tensor, to_rgb
 from models.tokenizer import IMAGE
 
-TEXT, UND_IMAGE, GEN_TIME, GEN_IMAGE = 0, 1, 2, 3
 TEMPLATES = ("plain", "chat")
 
 

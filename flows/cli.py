@@ -103,6 +103,7 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from flows.cli_data import add_data_commands
+    from flows.cli_train import add_train_command
     from models.config import PRESETS
 
     parser = argparse.ArgumentParser(prog="janusflow", description=__doc__.splitlines()[0])
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
 
     add_data_commands(sub)
+    add_train_command(sub)
 
     demo = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo")

@@ -154,12 +154,22 @@ class JanusFlow(nn.Module):
         embeds = self.understanding_embeds(input_ids, image_mask, pixel_values)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask,
                                 position_ids=position_ids, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
+        ar, n = self.ar_loss(hidden, labels)
+        return {"loss": ar, "ar": ar.detach(), "ar_tokens": n.detach()}
+
+    def ar_loss(self, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor):
+        """(mean next-token loss over target tokens, their count); labels aligned with inputs."""
+        target = labels_BT[:, 1:]
         keep = target != IGNORE_INDEX
-        logits = self.llm.lm_head(hidden[:, :-1][keep])
+        logits = self.llm.lm_head(hidden_BTD[:, :-1][keep])
         n = keep.sum()
         ar = F.cross_entropy(logits.float(), target[keep], reduction="sum") / n.clamp(min=1)
-        return {"loss": ar, "ar": ar.detach(), "ar_tokens": n.detach()}
+        return ar, n
+
+    def repa_loss(self, hidden_GND: torch.Tensor, target_GND: torch.Tensor) -> torch.Tensor:
+        """REPA: minus the mean cosine similarity of h_phi(hidden) and the stop-grad f_enc target."""
+        pred = self.repa_head(hidden_GND)
+        return -F.cosine_similarity(pred.float(), target_GND.detach().float(), dim=-1).mean()
 
     # -- generation ---------------------------------------------------------------------------------
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DynamicCache:
@@ -242,8 +252,7 @@ class JanusFlow(nn.Module):
         if need_repa:
             if repa_target is None:
                 repa_target = self.repa_target(repa_pixels)
-            pred = self.repa_head(hidden[:, -self.config.num_gen_tokens:])
-            repa = -F.cosine_similarity(pred.float(), repa_target.detach().float(), dim=-1).mean()
+            repa = self.repa_loss(hidden[:, -self.config.num_gen_tokens:], repa_target)
             loss = loss + repa_weight * repa
             result["repa"] = repa.detach()
         result["loss"] = loss

@@ -1,0 +1,27 @@
+"""`janusflow train`: one training stage from a YAML config, with CLI overrides."""
+
+from __future__ import annotations
+
+
+def cmd_train(args) -> None:
+    from flows.train.config import load_config
+    from flows.train.trainer import Trainer
+
+    cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
+                      out=args.out, steps=args.steps)
+    model_dir = Trainer(cfg, resume=args.resume, progress=not args.quiet).run()
+    print(f"stage {cfg.stage}: trained {cfg.steps} steps; EMA model in {model_dir}")
+
+
+def add_train_command(sub) -> None:
+    train = sub.add_parser("train", help="run one training stage (1, 2 or 3)")
+    train.add_argument("--config", default=None, help="YAML training config (see configs/)")
+    train.add_argument("--stage", default=None, choices=["1", "2", "3"])
+    train.add_argument("--init", default=None, help="model directory to start from")
+    train.add_argument("--corpus", default=None)
+    train.add_argument("--out", default=None)
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint under OUT/checkpoints")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=cmd_train)

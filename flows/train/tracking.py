@@ -1,0 +1,64 @@
+"""MLflow tracking for a training stage: params, tags, per-step metrics, artifacts.
+
+The run id is passed explicitly everywhere (MLflow's active run is per thread, and Prefect runs
+tasks in threads); a resumed stage continues its own run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+class Tracker:
+    def __init__(self, cfg, *, run_id: str | None, parent_run_id: str | None, tags: dict):
+        uri = tracking_uri(cfg.tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+            all_tags = {**tags, "mlflow.runName": f"stage-{cfg.stage}"}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, tags=all_tags)
+            run_id = run.info.run_id
+            params = flatten("", cfg.to_dict(), {})
+            params["learning_rate"], params["warmup_steps"] = cfg.learning_rate, cfg.warmup_steps
+            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
+                                                  for k, v in sorted(params.items())])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(k, float(v), now, step) for k, v in sorted(metrics.items())])
+
+    def finish(self, out: Path, *, status: str) -> None:
+        for name in ("metrics.jsonl",):
+            if (out / name).is_file():
+                self.client.log_artifact(self.run_id, str(out / name))
+        self.client.set_terminated(self.run_id, status=status)

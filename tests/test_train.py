@@ -1,0 +1,163 @@
+"""Training stages on `tiny`: freezing, exact resume, atomic checkpoints, MLflow, bad input."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoTokenizer
+
+from data.shapes.corpus import ShapesParams, build_shapes_corpus
+from data.shards import read_manifest
+from flows.cli import main
+from flows.train.config import ConfigError, TrainConfig, load_config
+from flows.train.trainer import TrainError, Trainer, apply_stage
+from models.checkpoint import from_pretrained
+from models.pipeline import JanusFlowPipeline
+
+
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_shapes_corpus(root / "corpus", ShapesParams(
+        image_size=32, train_gen=40, train_und=40, train_text=20, heldout_gen=2, heldout_und=2,
+        unseen_gen=2, unseen_und=2, eval_per_category=1, vocab_size=400), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(root / "corpus" / "tokenizer"))
+    JanusFlowPipeline.from_config("tiny", tokenizer=tok, seed=0).save_pretrained(root / "init")
+    return root
+
+
+def _cfg(env, out, **kw):
+    base = dict(stage="2", init=str(env / "init"), corpus=str(env / "corpus"), out=str(out), steps=6,
+                rows=2, max_len=256, warmup=2, save_every=3, tracking_uri=f"sqlite:///{env}/mlflow.db",
+                data={"warmup_mix_steps": 3} if kw.get("stage", "2") == "2" else {})
+    return TrainConfig(**{**base, **kw}).validate()
+
+
+def _losses(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage_sets_cover_every_parameter(tiny_copy):
+    model = tiny_copy.model
+    total = sum(1 for _ in model.named_parameters())
+    for stage, trains_llm, trains_vision in (("1", False, False), ("2", True, False), ("3", True, True)):
+        names = apply_stage(model, stage)
+        parts = {n.split(".")[0] for n in names}
+        assert ("llm" in parts) == trains_llm and ("vision" in parts) == trains_vision
+        assert "vae" not in parts and {"gen_encoder", "gen_decoder", "repa_head", "und_aligner"} <= parts
+        assert sum(p.requires_grad for p in model.parameters()) == len(names) < total
+
+
+def test_stage_one_moves_only_new_parts(train_env, tmp_path):
+    cfg = _cfg(train_env, tmp_path / "s1", stage="1", steps=2, save_every=2)
+    trainer = Trainer(cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    for n, p in trainer.model.named_parameters():
+        changed = not torch.equal(before[n], p)
+        if n.split(".")[0] in ("llm", "vision", "vae"):
+            assert not changed, n
+    assert not torch.equal(before["gen_decoder.out_proj.weight"], trainer.model.gen_decoder.out_proj.weight)
+    ema_model, _ = from_pretrained(tmp_path / "s1" / "model")
+    # the exported model carries the EMA weights: 0.99 of the start plus 1% of each step
+    w0 = before["gen_decoder.out_proj.weight"]
+    assert not torch.equal(ema_model.gen_decoder.out_proj.weight, trainer.model.gen_decoder.out_proj.weight)
+    assert (ema_model.gen_decoder.out_proj.weight - w0).abs().max() < \
+        (trainer.model.gen_decoder.out_proj.weight - w0).abs().max()
+
+
+def test_resume_gives_the_same_losses(train_env, tmp_path):
+    full = _cfg(train_env, tmp_path / "full")
+    Trainer(full, progress=False).run()
+    part = _cfg(train_env, tmp_path / "part", steps=3)
+    Trainer(part, progress=False).run()
+    resumed = _cfg(train_env, tmp_path / "part", steps=6)
+    trainer = Trainer(resumed, resume=True, progress=False)
+    assert trainer.step == 3
+    trainer.run()
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a[3:], b[3:]):
+        for k in ("loss", "ar", "rf", "repa", "grad_norm", "mix_gen"):
+            assert x[k] == y[k], (x["step"], k)
+    assert a[0]["mix_gen"] == pytest.approx(0.5, abs=0.25)  # the opening 30:50:20 phase
+
+
+def test_a_crash_mid_save_leaves_no_valid_looking_checkpoint(train_env, tmp_path, monkeypatch):
+    cfg = _cfg(train_env, tmp_path / "crash", steps=4, save_every=2)
+    trainer = Trainer(cfg, progress=False)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.run()
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpts = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000002"]
+    assert Trainer(cfg, resume=True, progress=False).step == 2
+
+
+def test_mlflow_records_the_run(train_env, tmp_path):
+    cfg = _cfg(train_env, tmp_path / "tracked", steps=3, save_every=3)
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    run = client.get_run(trainer.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data_version"] == read_manifest(train_env / "corpus")["hash"]
+    assert run.data.tags["stage"] == "2" and len(run.data.tags["git_commit"]) >= 7
+    assert run.data.params["max_len"] == "256" and float(run.data.params["learning_rate"]) == 1e-4
+    history = client.get_metric_history(trainer.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    for key in ("ar", "rf", "repa", "lr", "grad_norm", "tokens_per_s", "images_per_s",
+                "packing_efficiency", "mix_und", "mix_gen", "mix_text"):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("rf_t") for k in run.data.metrics)
+    assert "metrics.jsonl" in [a.path for a in client.list_artifacts(trainer.run_id)]
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):
+    model, proc = from_pretrained(train_env / "init")
+    with torch.no_grad():
+        model.gen_decoder.out_proj.weight.fill_(float("nan"))
+    JanusFlowPipeline(model, proc).save_pretrained(tmp_path / "bad")
+    cfg = _cfg(train_env, tmp_path / "nan", init=str(tmp_path / "bad"), steps=2)
+    with pytest.raises(TrainError, match=r"step 1: non-finite loss .*rf=nan"):
+        Trainer(cfg, progress=False).run()
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_config_errors_name_the_field(train_env, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown training config key"):
+        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="steps has the wrong type"):
+        TrainConfig.from_dict({"steps": "ten"})
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        TrainConfig(lr=-1.0).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="init: no model directory"):
+        TrainConfig(init=str(tmp_path / "none"), corpus=str(train_env / "corpus")).validate()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: 2\nema: 1.5\n")
+    assert main(["train", "--config", str(bad), "--init", str(train_env / "init"),
+                 "--corpus", str(train_env / "corpus")]) == 2
+    assert capsys.readouterr().err.strip() == "janusflow: error: ema must be in [0, 1), got 1.5"
+    with pytest.raises(ConfigError, match="data: unknown data setting"):
+        TrainConfig(data={"mixx": 1}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="stage must be one of"):
+        load_config(None, stage="4", init=str(train_env / "init"), corpus=str(train_env / "corpus"))
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    import yaml
+
+    for path in Path(__file__).resolve().parents[1].glob("configs/train-*.yaml"):
+        TrainConfig.from_dict(yaml.safe_load(path.read_text())).validate(check_paths=False)
