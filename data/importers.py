@@ -110,7 +110,6 @@ def read_folder(src: Path, captions: Path | None) -> Iterator[Raw]:
     if not captions.is_file():
         raise DataError(f"captions file {captions} does not exist")
     rows = _rows_csv(captions) if captions.suffix.lower() == ".csv" else _lines_jsonl(captions)
-    root = src.resolve()
     for n, row in rows:
         if isinstance(row, str):
             yield Raw(id=f"line{n}", error=row)
@@ -119,13 +118,17 @@ def read_folder(src: Path, captions: Path | None) -> Iterator[Raw]:
         if not isinstance(rel, str) or not rel:
             yield Raw(id=str(row.get("id") or f"line{n}"), error="missing_image")
             continue
-        path = (src / rel).resolve()
         sample_id = str(row.get("id") or Path(rel).with_suffix("").as_posix())
-        if root not in path.parents:
-            yield Raw(id=sample_id, error="bad_path")
-            continue
-        image = path.read_bytes() if path.is_file() else None
-        yield Raw(id=sample_id, image=image, caption=row.get("caption"))
+        image, error = _read_inside(src, rel)
+        yield Raw(id=sample_id, image=image, caption=row.get("caption"), error=error)
+
+
+def _read_inside(root: Path, rel: str) -> tuple[bytes | None, str | None]:
+    """(bytes or None when missing, 'bad_path' for a path that leaves root)."""
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        return None, "bad_path"
+    return (path.read_bytes() if path.is_file() else None), None
 
 
 def read_llava(path: Path) -> Iterator[Raw]:
@@ -151,11 +154,8 @@ def read_llava(path: Path) -> Iterator[Raw]:
                 (expected and IMAGE not in turns[0][0]):
             yield Raw(id=sample_id, error="unbalanced_image_placeholders")
             continue
-        image = None
-        if rel:
-            p = (image_root / str(rel)).resolve()
-            image = p.read_bytes() if p.is_file() and image_root.resolve() in p.parents else None
-        yield Raw(id=sample_id, image=image, turns=turns, needs_image=bool(rel))
+        image, error = _read_inside(image_root, str(rel)) if rel else (None, None)
+        yield Raw(id=sample_id, image=image, turns=turns, needs_image=bool(rel), error=error)
 
 
 def _llava_turns(conv) -> tuple[list[tuple[str, str]], str | None]:

@@ -96,6 +96,14 @@ class ShardWriter:
         self.close()
 
 
+def member_key(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member: the key ends at the first '.' of the base name,
+    as WebDataset reads it ('dir/0001.seg.png' -> ('dir/0001', 'seg.png'))."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
 def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar, members grouped by key.
 
@@ -111,10 +119,7 @@ def iter_tar(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         for m in tar:
             if not m.isfile():
                 continue
-            base = m.name.rsplit("/", 1)[-1]
-            prefix = m.name[: len(m.name) - len(base)]
-            k, _, ext = base.partition(".")
-            k = prefix + k
+            k, ext = member_key(m.name)
             if k != key and key is not None:
                 yield key, files
                 files = {}
@@ -165,7 +170,7 @@ def _index(path: Path) -> list[SampleRef]:
     with tarfile.open(path, "r") as tar:
         for m in tar:
             if m.isfile():
-                key, _, ext = m.name.partition(".")
+                key, ext = member_key(m.name)
                 groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
     refs = []
     for key, members in groups.items():

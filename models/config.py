@@ -7,6 +7,7 @@ config.json and can be checked before any tensor is allocated.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,26 +174,53 @@ class JanusFlowConfig:
 def _section(section_cls, name: str, value: dict[str, Any]):
     if not isinstance(value, dict):
         raise ValueError(f"config section '{name}' must be a mapping, got {type(value).__name__}")
-    allowed = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown config key(s) in '{name}': {', '.join(unknown)}")
-    out = {}
-    for key, item in value.items():
-        default = getattr(section_cls(), key)
-        if isinstance(default, tuple):
-            item = tuple(item)
-        elif isinstance(default, bool):
-            if not isinstance(item, bool):
-                raise ValueError(f"{name}.{key} must be a boolean, got {item!r}")
-        elif isinstance(default, (int, float)) and not isinstance(item, (int, float)):
-            raise ValueError(f"{name}.{key} must be a number, got {item!r}")
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(item, float):
-            if not item.is_integer():
-                raise ValueError(f"{name}.{key} must be an integer, got {item!r}")
-            item = int(item)
-        out[key] = item
-    return section_cls(**out)
+    return dataclass_from_dict(section_cls, value, prefix=f"{name}.",
+                               unknown=f"unknown config key(s) in '{name}'")
+
+
+def dataclass_from_dict(cls, data: dict[str, Any], *, prefix: str = "",
+                        unknown: str = "unknown config key(s)"):
+    """Build dataclass `cls` from a mapping (YAML/JSON), checking each value against the field's
+    annotated type. Unknown keys and wrong types raise ValueError naming `prefix + key`.
+
+    Understands bool, int (whole floats accepted), float (ints accepted), str, X | None,
+    tuple[...] and dict: the types our configs use.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    extra = sorted(set(data) - set(names))
+    if extra:
+        raise ValueError(f"{unknown}: {', '.join(extra)}")
+    return cls(**{key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()})
+
+
+def _coerce(value, tp, field_name: str):
+    args = typing.get_args(tp)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    origin = typing.get_origin(tp) or tp
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is bool and isinstance(value, bool):
+        return value
+    if origin is int and numeric and float(value).is_integer():
+        return int(value)
+    if origin is float and numeric:
+        return float(value)
+    if origin is str and isinstance(value, str):
+        return value
+    if origin is dict and isinstance(value, dict):
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ValueError(f"{field_name} must have {len(args)} items, got {value!r}")
+        inner = args[:1] * len(value) if args and args[-1] is Ellipsis else args
+        return tuple(_coerce(v, t, field_name) for v, t in zip(value, inner)) if args else tuple(value)
+    expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                dict: "a mapping", tuple: "a list"}.get(origin, getattr(origin, "__name__", str(origin)))
+    raise ValueError(f"{field_name} must be {expected}, got {value!r}")
 
 
 def _tiny() -> JanusFlowConfig:

@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):
 def test_config_errors_name_the_field(train_env, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown training config key"):
         TrainConfig.from_dict({"learning_rat": 1e-4})
-    with pytest.raises(ConfigError, match="steps has the wrong type"):
+    with pytest.raises(ConfigError, match="steps must be an integer"):
         TrainConfig.from_dict({"steps": "ten"})
     with pytest.raises(ConfigError, match="lr must be positive"):
         TrainConfig(lr=-1.0).validate(check_paths=False)

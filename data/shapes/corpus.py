@@ -25,6 +25,7 @@ from data.shapes.text import (CAPTION_QUESTION, CATEGORIES, FACTS, caption, samp
                               scene_for_spec, text_sample, vqa)
 from data.shapes.world import Scene, overlaps, pair_space, random_scene, render
 from data.shards import AtomicDir, DataError, ShardReader, ShardWriter, sha256_bytes, write_manifest
+from models.config import dataclass_from_dict
 from models.tokenizer import IMAGE, build_tokenizer
 
 SPLITS = ("train", "heldout", "unseen")
@@ -49,18 +50,17 @@ class ShapesParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShapesParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DataError(f"unknown data parameter(s): {', '.join(unknown)}")
-        for key, value in data.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise DataError(f"data.{key} must be an integer, got {value!r}")
-            if value < (0 if key == "seed" else 1) and not key.endswith(("_gen", "_und", "_text")):
-                raise DataError(f"data.{key} must be positive, got {value}")
+        try:
+            params = dataclass_from_dict(cls, data, prefix="data.", unknown="unknown data parameter(s)")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        for f in dataclasses.fields(cls):
+            value = getattr(params, f.name)
             if value < 0:
-                raise DataError(f"data.{key} must be >= 0, got {value}")
-        params = cls(**data)
+                raise DataError(f"data.{f.name} must be >= 0, got {value}")
+        for name in ("shard_size", "eval_per_category"):
+            if getattr(params, name) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(params, name)}")
         if params.image_size < 16:
             raise DataError(f"data.image_size must be at least 16, got {params.image_size}")
         return params

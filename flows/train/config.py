@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.config import dataclass_from_dict
+
 STAGES = ("1", "2", "3")
 STAGE_LR = {"1": 1e-4, "2": 1e-4, "3": 2e-5}
 STAGE_WARMUP = {"1": 2000, "2": 2000, "3": 1000}
@@ -95,43 +97,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown training config key(s): {', '.join(unknown)}")
-        defaults = cls()
-        values = {}
-        for key, value in data.items():
-            values[key] = _coerce(key, value, getattr(defaults, key))
-        return cls(**values)
-
-
-def _coerce(key: str, value, default):
-    """Check a YAML value against the field's default type (None defaults accept numbers)."""
-    if key == "stage":
-        return str(value)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float) or default is None and key in ("lr",):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif key == "warmup":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple))
-        value = tuple(float(v) for v in value) if ok else value
-    elif isinstance(default, dict):
-        ok = isinstance(value, dict)
-    else:  # strings, and str | None
-        ok = isinstance(value, str) or (value is None and default is None)
-    if value is None and default is None:
-        return None
-    if not ok:
-        raise ConfigError(f"{key} has the wrong type: got {value!r}, expected "
-                          f"{type(default).__name__ if default is not None else 'a number'}")
-    return value
+        data = dict(data)
+        if isinstance(data.get("stage"), int) and not isinstance(data["stage"], bool):
+            data["stage"] = str(data["stage"])  # YAML reads `stage: 2` as a number
+        try:
+            return dataclass_from_dict(cls, data, unknown="unknown training config key(s)")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def load_config(path: str | Path | None, **overrides) -> TrainConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -51,14 +52,11 @@ class Tracker:
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), now, step) for k, v in sorted(metrics.items())])
 
     def finish(self, out: Path, *, status: str) -> None:
-        for name in ("metrics.jsonl",):
-            if (out / name).is_file():
-                self.client.log_artifact(self.run_id, str(out / name))
+        if (out / "metrics.jsonl").is_file():
+            self.client.log_artifact(self.run_id, str(out / "metrics.jsonl"))
         self.client.set_terminated(self.run_id, status=status)
