@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow demo data clean
+.PHONY: setup test test-slow demo data train-shapes clean
 
 # torch first, pinned, so pip takes the local CPU wheel instead of resolving a CUDA build.
 $(STAMP): pyproject.toml
@@ -36,6 +36,11 @@ demo: $(STAMP)
 # The DVC pipeline's data stage; DVC runs `janusflow`, so the venv goes first on PATH.
 data: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro data
+
+# Bootstrap + stages 1-3 on the shapes world (configs/shapes/), outputs under runs/shapes/.
+train-shapes: data
+	for s in bootstrap stage1 stage2 stage3; do \
+		$(VENV)/bin/janusflow train --config configs/shapes/$$s.yaml || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 def cmd_train(args) -> None:
     from flows.train.config import load_config
-    from flows.train.trainer import Trainer
 
     cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
                       out=args.out, steps=args.steps)
+    if cfg.stage == "bootstrap":
+        from flows.train.bootstrap import Bootstrap
+
+        model_dir = Bootstrap(cfg, resume=args.resume, progress=not args.quiet).run()
+        print(f"stage bootstrap: trained VAE, SigLIP and LLM; model in {model_dir}")
+        return
+    from flows.train.trainer import Trainer
+
     model_dir = Trainer(cfg, resume=args.resume, progress=not args.quiet).run()
     print(f"stage {cfg.stage}: trained {cfg.steps} steps; EMA model in {model_dir}")
 
 
 def add_train_command(sub) -> None:
-    train = sub.add_parser("train", help="run one training stage (1, 2 or 3)")
+    train = sub.add_parser("train", help="run one training stage (bootstrap, 1, 2 or 3)")
     train.add_argument("--config", default=None, help="YAML training config (see configs/)")
-    train.add_argument("--stage", default=None, choices=["1", "2", "3"])
+    train.add_argument("--stage", default=None, choices=["bootstrap", "1", "2", "3"])
     train.add_argument("--init", default=None, help="model directory to start from")
     train.add_argument("--corpus", default=None)
     train.add_argument("--out", default=None)

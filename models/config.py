@@ -184,7 +184,7 @@ def dataclass_from_dict(cls, data: dict[str, Any], *, prefix: str = "",
     annotated type. Unknown keys and wrong types raise ValueError naming `prefix + key`.
 
     Understands bool, int (whole floats accepted), float (ints accepted), str, X | None,
-    tuple[...] and dict: the types our configs use.
+    tuple[...], dict and nested dataclasses (built from a mapping): the types our configs use.
     """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -213,13 +213,17 @@ def _coerce(value, tp, field_name: str):
         return value
     if origin is dict and isinstance(value, dict):
         return value
+    if dataclasses.is_dataclass(origin) and isinstance(value, dict):
+        return dataclass_from_dict(origin, value, prefix=f"{field_name}.",
+                                   unknown=f"unknown key(s) in '{field_name}'")
     if origin is tuple and isinstance(value, (list, tuple)):
         if args and args[-1] is not Ellipsis and len(args) != len(value):
             raise ValueError(f"{field_name} must have {len(args)} items, got {value!r}")
         inner = args[:1] * len(value) if args and args[-1] is Ellipsis else args
         return tuple(_coerce(v, t, field_name) for v, t in zip(value, inner)) if args else tuple(value)
     expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-                dict: "a mapping", tuple: "a list"}.get(origin, getattr(origin, "__name__", str(origin)))
+                dict: "a mapping", tuple: "a list"}.get(origin, "a mapping" if dataclasses.is_dataclass(origin)
+                                                       else getattr(origin, "__name__", str(origin)))
     raise ValueError(f"{field_name} must be {expected}, got {value!r}")
 
 
@@ -249,7 +253,7 @@ def _shapes() -> JanusFlowConfig:
                       bos_token_id=0, eos_token_id=1),
         vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
                             num_hidden_layers=4, num_attention_heads=4),
-        vae=VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        vae=VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                       scaling_factor=1.0),
         gen=GenConfig(image_size=64, channels=128, blocks=2, time_channels=128),
         repa=RepaConfig(layer=2, hidden_size=256),

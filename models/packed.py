@@ -81,3 +81,33 @@ def packed_losses(model, *, input_ids, position_ids, attention_mask, roles, labe
             result["repa"] = repa.detach()
     result["loss"] = loss
     return result
+
+
+class PackedObjective(torch.nn.Module):
+    """packed_losses as one module forward, the frozen VAE encoding and the REPA target included,
+    so wrappers that hook a module's forward (DDP, FSDP2) see the whole computation.
+
+    gen_pixels: (G, 3, S, S) generation images in [-1, 1], in token order; `generator` draws t and
+    the noise. autocast_dtype: e.g. torch.bfloat16 on GPU; None runs in the weights' dtype.
+    """
+
+    def __init__(self, model, *, repa_weight: float = 1.0, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model, self.repa_weight, self.autocast_dtype = model, repa_weight, autocast_dtype
+
+    def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
+                gen_pixels=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        latents = repa = t = noise = None
+        if gen_pixels is not None and len(gen_pixels):
+            latents = self.model.encode_images(gen_pixels).float()
+            if self.repa_weight > 0:
+                repa = self.model.repa_target(gen_pixels)
+            t = flow.sample_t(latents.shape[0], generator=generator).to(latents.device)
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+        device = input_ids.device
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return packed_losses(self.model, input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask, roles=roles, labels=labels,
+                                 und_pixels=und_pixels, latents=latents, repa_target=repa, t=t,
+                                 noise=noise, repa_weight=self.repa_weight)

@@ -54,3 +54,19 @@ def shapes_processor(shapes_corpus):
     from models.processor import JanusFlowProcessor
 
     return JanusFlowProcessor.from_pretrained(shapes_corpus / "tokenizer", preset("shapes"))
+
+
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+    """A tiny corpus (32 px, vocab 400) and a tiny init model for the training tests."""
+    from transformers import AutoTokenizer
+
+    from data.shapes.corpus import ShapesParams, build_shapes_corpus
+
+    root = tmp_path_factory.mktemp("train")
+    build_shapes_corpus(root / "corpus", ShapesParams(
+        image_size=32, train_gen=40, train_und=40, train_text=20, heldout_gen=2, heldout_und=2,
+        unseen_gen=2, unseen_und=2, eval_per_category=1, vocab_size=400), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(root / "corpus" / "tokenizer"))
+    JanusFlowPipeline.from_config("tiny", tokenizer=tok, seed=0).save_pretrained(root / "init")
+    return root

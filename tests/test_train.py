@@ -5,31 +5,20 @@ import json
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoTokenizer
 
-from data.shapes.corpus import ShapesParams, build_shapes_corpus
 from data.shards import read_manifest
 from flows.cli import main
+from flows.train.checkpointing import CheckpointError
 from flows.train.config import ConfigError, TrainConfig, load_config
 from flows.train.trainer import TrainError, Trainer, apply_stage
 from models.checkpoint import from_pretrained
 from models.pipeline import JanusFlowPipeline
 
 
-@pytest.fixture(scope="session")
-def train_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    build_shapes_corpus(root / "corpus", ShapesParams(
-        image_size=32, train_gen=40, train_und=40, train_text=20, heldout_gen=2, heldout_und=2,
-        unseen_gen=2, unseen_und=2, eval_per_category=1, vocab_size=400), progress=False)
-    tok = AutoTokenizer.from_pretrained(str(root / "corpus" / "tokenizer"))
-    JanusFlowPipeline.from_config("tiny", tokenizer=tok, seed=0).save_pretrained(root / "init")
-    return root
-
-
 def _cfg(env, out, **kw):
     base = dict(stage="2", init=str(env / "init"), corpus=str(env / "corpus"), out=str(out), steps=6,
-                rows=2, max_len=256, warmup=2, save_every=3, tracking_uri=f"sqlite:///{env}/mlflow.db",
+                rows=2, max_len=256, warmup=2, save_every=3, sample_prompts=4, sample_questions=4,
+                sample_steps=2, tracking_uri=f"sqlite:///{env}/mlflow.db",
                 data={"warmup_mix_steps": 3} if kw.get("stage", "2") == "2" else {})
     return TrainConfig(**{**base, **kw}).validate()
 
@@ -87,17 +76,17 @@ def test_resume_gives_the_same_losses(train_env, tmp_path):
 def test_a_crash_mid_save_leaves_no_valid_looking_checkpoint(train_env, tmp_path, monkeypatch):
     cfg = _cfg(train_env, tmp_path / "crash", steps=4, save_every=2)
     trainer = Trainer(cfg, progress=False)
-    real_save, calls = torch.save, []
+    real_save = torch.save
 
-    def failing_save(obj, path, *a, **k):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing_save(obj, path, *a, **k):  # the second checkpoint dies half-written
+        if trainer.step >= 4:
             raise OSError("disk full")
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="step-00000004 not written: rank 0: OSError: disk full"):
         trainer.run()
+    assert list((tmp_path / "crash" / "checkpoints").glob(".tmp-step-00000004"))
     monkeypatch.setattr(torch, "save", real_save)
     ckpts = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").glob("step-*"))
     assert ckpts == ["step-00000002"]
@@ -120,7 +109,35 @@ def test_mlflow_records_the_run(train_env, tmp_path):
                 "packing_efficiency", "mix_und", "mix_gen", "mix_text"):
         assert key in run.data.metrics, key
     assert any(k.startswith("rf_t") for k in run.data.metrics)
-    assert "metrics.jsonl" in [a.path for a in client.list_artifacts(trainer.run_id)]
+    assert run.data.metrics["system_rss_gb"] > 0.1
+    assert 0.0 <= run.data.metrics["sample_vqa_accuracy"] <= 1.0
+    top = [a.path for a in client.list_artifacts(trainer.run_id)]
+    assert {"metrics.jsonl", "config.yaml"} <= set(top)
+    samples = [a.path for a in client.list_artifacts(trainer.run_id, "samples/step-00000003")]
+    assert sorted(p.rsplit("/", 1)[1] for p in samples) == ["answers.json", "samples.png"]
+    answers = json.loads((tmp_path / "tracked" / "samples" / "step-00000003" / "answers.json").read_text())
+    assert answers and {"question", "expected", "answer", "correct"} <= set(answers[0])
+
+
+def test_eval_every_writes_samples_during_the_run(train_env, tmp_path):
+    cfg = _cfg(train_env, tmp_path / "ev", steps=4, save_every=4, eval_every=2, sample_prompts=2,
+               sample_questions=2, sample_steps=2)
+    Trainer(cfg, progress=False).run()
+    steps = sorted(p.name for p in (tmp_path / "ev" / "samples").iterdir())
+    assert steps == ["step-00000002", "step-00000004"]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "ev" / "samples" / "step-00000002" / "samples.png")
+    assert grid.size[0] == 4 * 64  # 4 columns of 32 px images shown at 2x
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
+def test_memory_and_speed_options_do_not_change_the_step(train_env, tmp_path, option):
+    plain = Trainer(_cfg(train_env, tmp_path / "plain", steps=2), progress=False).train_step()
+    other = Trainer(_cfg(train_env, tmp_path / option, steps=2, **{option: True}),
+                    progress=False).train_step()
+    for k in ("loss", "ar", "rf", "repa", "grad_norm"):
+        assert other[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-6), k
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):
@@ -159,5 +176,7 @@ def test_example_configs_parse():
 
     import yaml
 
-    for path in Path(__file__).resolve().parents[1].glob("configs/train-*.yaml"):
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/shapes/*.yaml"))
+    assert [p.stem for p in paths] == ["bootstrap", "stage1", "stage2", "stage3"]
+    for path in paths:
         TrainConfig.from_dict(yaml.safe_load(path.read_text())).validate(check_paths=False)

@@ -13,14 +13,50 @@ from pathlib import Path
 
 from models.config import dataclass_from_dict
 
-STAGES = ("1", "2", "3")
-STAGE_LR = {"1": 1e-4, "2": 1e-4, "3": 2e-5}
-STAGE_WARMUP = {"1": 2000, "2": 2000, "3": 1000}
+STAGES = ("bootstrap", "1", "2", "3")
+STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: per part, below
+STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
 DTYPES = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
     """A config a run cannot start from; the message names the field."""
+
+
+@dataclass
+class BootstrapConfig:
+    """Stage `bootstrap` (embedded world only): train small stand-ins for the parts production loads
+    pretrained (SDXL-VAE, SigLIP, DeepSeek-LLM) on the corpus itself. Steps, LR and batch per part."""
+
+    preset: str = "shapes"
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    vae_batch: int = 32
+    kl_weight: float = 1e-6
+    siglip_steps: int = 300
+    siglip_lr: float = 1e-3
+    siglip_batch: int = 64
+    siglip_text_layers: int = 2
+    llm_steps: int = 300
+    llm_lr: float = 2e-3
+    llm_batch: int = 16
+    llm_seq_len: int = 128
+    warmup: int = 20
+
+    def validate(self) -> None:
+        from models.config import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"bootstrap.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for name in ("vae", "siglip", "llm"):
+            steps, lr, batch = (getattr(self, f"{name}_{k}") for k in ("steps", "lr", "batch"))
+            if steps < 0 or batch < 2 or lr <= 0:
+                raise ConfigError(f"bootstrap.{name}_steps must be >= 0, {name}_batch >= 2 and "
+                                  f"{name}_lr positive, got {steps}, {batch}, {lr}")
+        if self.kl_weight < 0 or self.siglip_text_layers < 1 or self.llm_seq_len < 8 or self.warmup < 0:
+            raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
+                              "llm_seq_len >= 8, warmup >= 0")
 
 
 @dataclass
@@ -46,7 +82,16 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "fp32"            # autocast dtype on GPU; the master weights stay fp32
     repa_weight: float = 1.0
+    parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
+    activation_checkpointing: bool = False
+    compile: bool = False          # torch.compile each transformer block
+    eval_every: int = 0            # sample grid + held-out answers every N steps (0: at the end only)
+    sample_prompts: int = 8
+    sample_questions: int = 16
+    sample_steps: int = 20
+    sample_guidance: float = 3.0
     data: dict = field(default_factory=dict)      # overrides of data/stages.py for this stage
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)  # stage bootstrap only
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "janusflow"
 
@@ -62,9 +107,12 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         for name in ("steps", "rows", "max_len", "grad_accum", "save_every", "log_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "sample_prompts", "sample_questions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"lr must be positive, got {self.learning_rate}")
         if self.warmup_steps < 0:
@@ -75,16 +123,21 @@ class TrainConfig:
             raise ConfigError("grad_clip must be positive, weight_decay and repa_weight >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         from data.stages import stage_data
 
-        try:
-            stage_data(self.stage, **self.data)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"data: {e}") from None
+        if self.stage == "bootstrap":
+            self.bootstrap.validate()
+        else:
+            try:
+                stage_data(self.stage, **self.data)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"data: {e}") from None
         if check_paths:
-            if not (Path(self.init) / "config.json").is_file():
+            if self.stage != "bootstrap" and not (Path(self.init) / "config.json").is_file():
                 raise ConfigError(f"init: no model directory at {self.init!r} (a stage starts "
                                   "from the previous stage's model/ or a converted checkpoint)")
             if not (Path(self.corpus) / "manifest.json").is_file():

@@ -49,14 +49,22 @@ class Tracker:
                                                   for k, v in sorted(params.items())])
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+        self.run_id, self.cfg = run_id, cfg
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             mlflow.entities.Metric(k, float(v), now, step) for k, v in sorted(metrics.items())])
 
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
     def finish(self, out: Path, *, status: str) -> None:
-        if (out / "metrics.jsonl").is_file():
-            self.client.log_artifact(self.run_id, str(out / "metrics.jsonl"))
+        """Log metrics.jsonl and the resolved config (config.yaml), then close the run."""
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        for name in ("metrics.jsonl", "config.yaml"):
+            if (out / name).is_file():
+                self.client.log_artifact(self.run_id, str(out / name))
         self.client.set_terminated(self.run_id, status=status)

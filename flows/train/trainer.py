@@ -1,30 +1,36 @@
 """One Trainer for stages 1-3: freezing, packed batches, AdamW, EMA, atomic checkpoints, exact
-resume, NaN guard, MLflow tracking.
+resume, NaN guard, MLflow tracking, one process or many (torchrun: DDP or FSDP2).
 
-Randomness per step (logit-normal t and noise) comes from a generator seeded with (seed, step) and
-the data stream's state is a few integers, so a run resumed from step k produces the same losses
-from step k + 1 on as the run that never stopped.
+Randomness (logit-normal t and noise) comes from a generator seeded with (seed, step, micro-batch)
+and the data stream's state is a few integers, so a run resumed from step k produces the same losses
+from step k + 1 on as the run that never stopped, and N processes reproduce one process that
+accumulates N times as many micro-batches.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from data.shards import read_manifest
 from data.stages import stage_data
 from data.stream import Mixer, PackedStream, SequenceSource
+from flows.train import checkpointing
 from flows.train.config import TrainConfig
+from flows.train.distributed import (apply_activation_checkpointing, apply_compile, full, init_world,
+                                     local, parallelize)
+from flows.train.samples import write_samples
 from flows.train.tracking import Tracker
-from models.checkpoint import from_pretrained, save_pretrained
-from models import flow
-from models.packed import packed_losses
+from models.checkpoint import from_pretrained
+from models.packed import PackedObjective
+from models.pipeline import JanusFlowPipeline
 
 NEW_PARTS = ("und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner", "gen_dec_norm",
              "gen_dec_aligner", "gen_decoder", "repa_head")
@@ -65,21 +71,32 @@ def apply_stage(model, stage: str) -> list[str]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, parent_run_id: str | None = None,
                  progress: bool = True):
-        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.cfg, self.resume = cfg, resume
+        self.world, self.device = init_world(cfg.device)
+        self.progress = progress and self.world.main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.device = torch.device(cfg.device)
         self.model, self.processor = from_pretrained(cfg.init)
         self.model.to(self.device)
         self.names = apply_stage(self.model, cfg.stage)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if cfg.compile:
+            apply_compile(self.model)
+        bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
+        objective = PackedObjective(self.model, repa_weight=cfg.repa_weight,
+                                    autocast_dtype=torch.bfloat16 if bf16 else None)
+        self.objective = parallelize(objective, mode=cfg.parallel, world=self.world,
+                                     device=self.device, bf16=bf16)
+        # After parallelize: FSDP2 replaces parameters with sharded DTensors.
         params = dict(self.model.named_parameters())
-        self.params = [params[n] for n in self.names]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+        self.params = {n: params[n] for n in self.names}
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
+                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.ema = [p.detach().float().clone() for p in self.params]
+        self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
         settings = stage_data(cfg.stage, **cfg.data)
         conf = self.model.config
         source = SequenceSource(cfg.corpus, "train", self.processor,
@@ -98,13 +115,16 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(cfg, run_id=self.run_id, parent_run_id=self.parent_run_id,
-                          tags={"data_version": self.data_version, "git_commit": git_commit(),
-                                "stage": cfg.stage, "preset": self.model.config.preset})
-        self.run_id = tracker.run_id
-        log = open(self.out / "metrics.jsonl", "a")
+        cfg, main = self.cfg, self.world.main
+        tracker = log = None
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tracker = Tracker(cfg, run_id=self.run_id, parent_run_id=self.parent_run_id,
+                              tags={"data_version": self.data_version, "git_commit": git_commit(),
+                                    "stage": cfg.stage, "preset": self.model.config.preset,
+                                    "world_size": str(self.world.size)})
+            self.run_id = tracker.run_id
+            log = open(self.out / "metrics.jsonl", "a")
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not self.progress)
         try:
@@ -113,140 +133,169 @@ class Trainer:
                 self.step += 1
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                log.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                log.flush()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    tracker.log_metrics(metrics, self.step)
+                if main:
+                    log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                    log.flush()
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        tracker.log_metrics({**metrics, **system_metrics(self.device)}, self.step)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
-            model_dir = self.export_ema(self.out / "model")
-            tracker.finish(self.out, status="FINISHED")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.samples(self.ema_pipeline(), tracker)
+            pipe = self.ema_pipeline()
+            model_dir = self.out / "model"
+            if main:
+                pipe.save_pretrained(model_dir)
+                self.samples(pipe, tracker)
+                tracker.finish(self.out, status="FINISHED")
+            self.world.barrier()
             return model_dir
         except BaseException:
-            tracker.finish(self.out, status="FAILED")
+            if main:
+                tracker.finish(self.out, status="FAILED")
             raise
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
 
     def train_step(self) -> dict:
-        cfg, model = self.cfg, self.model
-        model.train()
-        model.vae.eval()
+        """One optimizer step over micro-batch x grad_accum x world size packed rows."""
+        cfg, world = self.cfg, self.world
+        self.model.train()
+        self.model.vae.eval()
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        totals: dict[str, float] = {}
+        sums: dict[str, float] = {}
         rf_bins: dict[int, list[float]] = {}
-        tokens = images = 0
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum):
-            batch, stats = self.stream.next_batch(self.step)
-            out = self._forward(batch, gen)
-            if not torch.isfinite(out["loss"]):
-                terms = ", ".join(f"{k}={float(out[k]):.4g}" for k in ("ar", "rf", "repa") if k in out)
-                raise TrainError(f"step {self.step + 1}: non-finite loss {float(out['loss'].detach())} ({terms}); "
-                                 "stopped without saving")
-            (out["loss"] / cfg.grad_accum).backward()
+        accum = cfg.grad_accum
+        for m in range(accum * world.size):
+            batch, stats = self.stream.next_batch(self.step)  # every rank walks the same stream
+            if m // accum != world.rank:
+                continue
+            last = m % accum == accum - 1
+            gen = torch.Generator().manual_seed(micro_seed(cfg.seed, self.step, m))
+            sync = nullcontext() if last or not hasattr(self.objective, "no_sync") else self.objective.no_sync()
+            with sync:
+                out = self.objective(**self._inputs(batch), generator=gen)
+                if world.any(not bool(torch.isfinite(out["loss"]))):
+                    terms = ", ".join(f"{k}={float(out[k]):.4g}" for k in ("ar", "rf", "repa") if k in out)
+                    raise TrainError(f"step {self.step + 1}: non-finite loss "
+                                     f"{float(out['loss'].detach())} ({terms}); stopped without saving")
+                (out["loss"] / accum).backward()
             for k in ("loss", "ar", "rf", "repa"):
                 if k in out:
-                    totals[k] = totals.get(k, 0.0) + float(out[k].detach()) / cfg.grad_accum
+                    _add(sums, k, float(out[k].detach()))
+                    _add(sums, f"n_{k}", 1.0)
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+                _add(sums, k, v)
+            _add(sums, "micro_batches", 1.0)
             if "rf_each" in out:
                 for t, rf in zip(out["t"].tolist(), out["rf_each"].tolist()):
-                    b = min(int(t * 4), 3)
-                    rf_bins.setdefault(b, []).append(rf)
-            tokens += batch.real_tokens
-            images += (0 if batch.und_pixels is None else len(batch.und_pixels)) + len(batch.gen_keys)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                    rf_bins.setdefault(min(int(t * 4), 3), []).append(rf)
+            _add(sums, "tokens", batch.real_tokens)
+            _add(sums, "images", (0 if batch.und_pixels is None else len(batch.und_pixels))
+                 + len(batch.gen_keys))
+        norm = float(full(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - cfg.ema)
+            torch._foreach_lerp_([local(e) for e in self.ema.values()],
+                                 [local(p).detach().float() for p in self.params.values()], 1 - cfg.ema)
+        for b in range(len(T_BINS) - 1):
+            values = rf_bins.get(b, [])
+            sums[f"rf_bin{b}"], sums[f"n_rf_bin{b}"] = sum(values), len(values)
+        keys = sorted(sums)
+        sums = dict(zip(keys, world.sum([sums[k] for k in keys])))
         elapsed = time.perf_counter() - start
-        totals.update(lr=lr, grad_norm=float(norm),
-                      tokens_per_s=tokens / elapsed, images_per_s=images / elapsed)
-        for b, values in rf_bins.items():
-            totals[f"rf_t{T_BINS[b]:.2f}-{T_BINS[b + 1]:.2f}"] = sum(values) / len(values)
-        return totals
+        # Losses: the mean over micro-batches (what the gradient is the mean of); mix stats likewise.
+        metrics = {k: sums[k] / sums[f"n_{k}"] for k in ("loss", "ar", "rf", "repa")
+                   if sums.get(f"n_{k}")}
+        metrics.update({k: sums[k] / sums["micro_batches"] for k in stats})
+        metrics.update(lr=lr, grad_norm=norm, tokens_per_s=sums["tokens"] / elapsed,
+                       images_per_s=sums["images"] / elapsed)
+        for b in range(len(T_BINS) - 1):
+            if sums[f"n_rf_bin{b}"]:
+                metrics[f"rf_t{T_BINS[b]:.2f}-{T_BINS[b + 1]:.2f}"] = sums[f"rf_bin{b}"] / sums[f"n_rf_bin{b}"]
+        return metrics
 
-    def _forward(self, batch, gen: torch.Generator) -> dict:
-        model, dev = self.model, self.device
-        latents = repa = None
-        if batch.gen_pixels is not None:
-            pixels = batch.gen_pixels.to(dev)
-            latents = model.encode_images(pixels).float()
-            repa = model.repa_target(pixels) if self.cfg.repa_weight > 0 else None
-        g = 0 if latents is None else latents.shape[0]
-        t = noise = None
-        if g:
-            t = flow.sample_t(g, generator=gen).to(dev)
-            noise = torch.randn(latents.shape, generator=gen).to(latents)
-        use_bf16 = self.cfg.dtype == "bf16" and dev.type == "cuda"
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return packed_losses(model, input_ids=batch.input_ids.to(dev),
-                                 position_ids=batch.position_ids.to(dev),
-                                 attention_mask=batch.attention_mask().to(dev),
-                                 roles=batch.roles.to(dev), labels=batch.labels.to(dev),
-                                 und_pixels=None if batch.und_pixels is None else batch.und_pixels.to(dev),
-                                 latents=latents, repa_target=repa, t=t, noise=noise,
-                                 repa_weight=self.cfg.repa_weight)
+    def _inputs(self, batch) -> dict:
+        dev = self.device
+        return dict(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                    attention_mask=batch.attention_mask().to(dev), roles=batch.roles.to(dev),
+                    labels=batch.labels.to(dev),
+                    und_pixels=None if batch.und_pixels is None else batch.und_pixels.to(dev),
+                    gen_pixels=None if batch.gen_pixels is None else batch.gen_pixels.to(dev))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write step-N/ under a temporary name and rename it: a crash never leaves a checkpoint
-        that looks complete. Keeps the newest `keep_checkpoints`."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        final = self.ckpt_dir / f"step-{self.step:08d}"
-        tmp = self.ckpt_dir / f".tmp-step-{self.step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        params = dict(self.model.named_parameters())
-        state = {"model": {n: params[n].detach().cpu() for n in self.names},
-                 "ema": [e.cpu() for e in self.ema], "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+        extra = {"scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
                  "torch_rng": torch.get_rng_state(), "step": self.step}
-        torch.save(state, tmp / "state.pt")
         meta = {"step": self.step, "run_id": self.run_id, "stage": self.cfg.stage,
-                "data_version": self.data_version, "config": self.cfg.to_dict()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-        return final
+                "world_size": self.world.size, "data_version": self.data_version,
+                "config": self.cfg.to_dict()}
+        return checkpointing.save(self.ckpt_dir, self.step, world=self.world, module=self.objective,
+                                  optimizer=self.optimizer, params=self.params, ema=self.ema,
+                                  extra=extra, meta=meta, keep=self.cfg.keep_checkpoints)
 
     def _load_latest(self) -> None:
-        ckpts = sorted(p for p in self.ckpt_dir.glob("step-*") if (p / "meta.json").is_file())
-        if not ckpts:
+        path = checkpointing.latest(self.ckpt_dir)
+        if path is None:
             return  # nothing to resume from: start at step 0
-        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
-        meta = json.loads((ckpts[-1] / "meta.json").read_text())
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["model"].items():
-                params[n].copy_(v)
-            for e, v in zip(self.ema, state["ema"]):
-                e.copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["stream"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step, self.run_id = state["step"], meta.get("run_id")
+        extra, meta = checkpointing.load(path, module=self.objective, optimizer=self.optimizer,
+                                         params=self.params, ema=self.ema)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.stream.load_state_dict(extra["stream"])
+        torch.set_rng_state(extra["torch_rng"])
+        self.step, self.run_id = extra["step"], meta.get("run_id")
 
-    def export_ema(self, path: Path) -> Path:
-        """save_pretrained with the EMA weights (what evaluation and export use)."""
+    def ema_pipeline(self) -> JanusFlowPipeline | None:
+        """The model with the EMA weights (what evaluation and export use), on rank 0 (None on the
+        others). The EMA is gathered to whole tensors (a collective under FSDP2) and copied into a
+        fresh copy of the init model: frozen parts never change, so they are the init's."""
+        whole = {n: full(e) for n, e in self.ema.items()}
+        if not self.world.main:
+            return None
+        model, processor = from_pretrained(self.cfg.init)
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            for p, e in zip(self.params, self.ema):
-                p.copy_(e.to(p.dtype))
-            try:
-                return save_pretrained(self.model, self.processor, path)
-            finally:
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+            for n, v in whole.items():
+                params[n].copy_(v.to(params[n].dtype))
+        return JanusFlowPipeline(model.eval(), processor)
+
+    def samples(self, pipe: JanusFlowPipeline | None, tracker: Tracker) -> None:
+        """Sample grid + held-out answers under OUT/samples/step-N, as MLflow artifacts too."""
+        cfg = self.cfg
+        if pipe is None or (cfg.sample_prompts == 0 and cfg.sample_questions == 0):
+            return
+        out = self.out / "samples" / f"step-{self.step:08d}"
+        metrics = write_samples(pipe, cfg.corpus, out, prompts=cfg.sample_prompts,
+                                questions=cfg.sample_questions, steps=cfg.sample_steps,
+                                guidance=cfg.sample_guidance, seed=cfg.seed)
+        tracker.log_metrics(metrics, self.step)
+        tracker.log_artifacts(out, f"samples/step-{self.step:08d}")
+
+
+def system_metrics(device: torch.device) -> dict:
+    """Process memory and CPU use (and GPU memory on CUDA), logged beside the losses."""
+    import psutil
+
+    proc = psutil.Process()
+    out = {"system_rss_gb": proc.memory_info().rss / 2**30, "system_cpu_percent": psutil.cpu_percent()}
+    if device.type == "cuda":
+        out["system_cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """The seed of micro-batch `micro` of step `step`: t and noise depend on nothing else, so a
+    resumed or differently distributed run draws the same randomness."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
+
+
+def _add(sums: dict, key: str, value: float) -> None:
+    sums[key] = sums.get(key, 0.0) + value
 
 
 def git_commit() -> str:

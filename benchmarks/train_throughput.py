@@ -1,0 +1,146 @@
+"""Training throughput per stage: tokens/s, images/s and, on a GPU, model FLOPs utilisation.
+
+    python benchmarks/train_throughput.py --preset shapes                          # CPU, fp32
+    python benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 --device cuda \\
+        --dtype bf16 --rows 4 --max-len 4096 --activation-checkpointing
+
+Runs the real Trainer (packed batches, all three losses, AdamW, EMA) on a small synthetic shapes
+corpus rendered at the preset's image size, with random weights (speed does not depend on them).
+FLOPs are counted once per stage with torch.utils.flop_counter on a full training step (matmuls,
+convolutions and attention, forward and backward, as executed), then steps are timed without it.
+MFU = counted FLOPs per second / the device's dense bf16 peak. Writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from data.shapes.corpus import ShapesParams, build_shapes_corpus
+from flows.train.config import TrainConfig
+from flows.train.trainer import Trainer
+from models.config import preset as preset_config
+from models.pipeline import JanusFlowPipeline
+
+# Dense bf16 peak (FLOP/s) of the GPUs we expect; MFU is not reported for unknown devices.
+PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def peak_flops(name: str) -> float | None:
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def make_world(root: Path, preset: str) -> tuple[Path, Path]:
+    """A small synthetic corpus at the preset's image size and a random-weights init model."""
+    config = preset_config(preset)
+    corpus = root / "corpus"
+    build_shapes_corpus(corpus, ShapesParams(
+        image_size=config.gen.image_size, train_gen=96, train_und=96, train_text=48, heldout_gen=2,
+        heldout_und=2, unseen_gen=2, unseen_und=2, eval_per_category=1,
+        vocab_size=min(2048, config.llm.vocab_size)), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
+    JanusFlowPipeline.from_config(config, tokenizer=tok, seed=0).save_pretrained(root / "init")
+    return corpus, root / "init"
+
+
+def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dict:
+    cfg = TrainConfig(stage=stage, init=str(init), corpus=str(corpus), out=str(out),
+                      steps=args.warmup + args.steps + 1, rows=args.rows, max_len=args.max_len,
+                      save_every=10**6, device=args.device, dtype=args.dtype,
+                      activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                      sample_prompts=0, sample_questions=0,
+                      tracking_uri=f"sqlite:///{out.parent}/mlflow.db").validate()
+    trainer = Trainer(cfg, progress=False)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for _ in range(args.warmup):
+        trainer.train_step()
+        trainer.step += 1
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.train_step()
+    trainer.step += 1
+    flops_per_step = counter.get_total_flops()
+    rows, times = [], []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        rows.append(trainer.train_step())
+        sync()
+        times.append(time.perf_counter() - start)
+        trainer.step += 1
+    seconds = sum(times) / len(times)
+    name = device_name(args.device)
+    peak = peak_flops(name) if args.device.startswith("cuda") else None
+    result = {
+        "stage": stage, "seconds_per_step": seconds,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+        "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
+        "packing_efficiency": sum(r["packing_efficiency"] for r in rows) / len(rows),
+        "tflops_per_step": flops_per_step / 1e12,
+        "achieved_tflops": flops_per_step / seconds / 1e12,
+        "mfu": (flops_per_step / seconds / peak) if peak else None,
+    }
+    if args.device.startswith("cuda"):
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="shapes")
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus, init = make_world(root, args.preset)
+        results = [bench_stage(s, corpus=corpus, init=init, out=root / f"stage{s}", args=args)
+                   for s in args.stages.split(",")]
+    report = {"date": datetime.date.today().isoformat(), "device": device_name(args.device),
+              "preset": args.preset, "dtype": args.dtype, "rows": args.rows, "max_len": args.max_len,
+              "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+              "stages": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_throughput_{args.preset}_{args.device.split(':')[0]}_{args.dtype}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    lines = ["| date | device | preset | dtype | stage | rows x max_len | tokens/s | images/s | "
+             "s/step | TFLOP/step | achieved TFLOP/s | MFU |", "|" + " --- |" * 12]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
+        lines.append(f"| {report['date']} | {report['device']} | {args.preset} | {args.dtype} | "
+                     f"{r['stage']} | {args.rows} x {args.max_len} | {r['tokens_per_s']:.0f} | "
+                     f"{r['images_per_s']:.1f} | {r['seconds_per_step']:.3f} | "
+                     f"{r['tflops_per_step']:.3f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Stage bootstrap on `tiny`: VAE, SigLIP and LLM trained on the corpus, saved, resumable."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import SiglipModel
+
+from flows.train.bootstrap import Bootstrap
+from flows.train.config import ConfigError, TrainConfig
+from models.checkpoint import from_pretrained
+
+
+def _boot_cfg(env, out, **bootstrap):
+    parts = dict(preset="tiny", vae_steps=4, vae_batch=4, siglip_steps=4, siglip_batch=8, llm_steps=12,
+                 llm_batch=4, llm_seq_len=32, warmup=2, **bootstrap)
+    return TrainConfig.from_dict(dict(stage="bootstrap", corpus=str(env / "corpus"), out=str(out),
+                                      tracking_uri=f"sqlite:///{env}/mlflow.db", bootstrap=parts)).validate()
+
+
+@pytest.fixture(scope="module")
+def booted(train_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("boot") / "run"
+    boot = Bootstrap(_boot_cfg(train_env, out), progress=False)
+    fresh = {n: p.detach().clone() for n, p in boot.model.named_parameters()}
+    boot.run()
+    return out, fresh, boot
+
+
+def test_bootstrap_trains_the_three_parts_and_saves_a_model(booted):
+    out, fresh, boot = booted
+    model, processor = from_pretrained(out / "model")
+    params = dict(model.named_parameters())
+    for part in ("vae.", "vision.", "llm."):
+        changed = [n for n in params if n.startswith(part) and not torch.equal(params[n], fresh[n])]
+        assert changed, part
+    # untouched parts keep their initialisation (stage 1 trains them)
+    assert torch.equal(params["gen_decoder.out_proj.weight"], fresh["gen_decoder.out_proj.weight"])
+    # the latent scaling factor makes the training images' latents unit-variance
+    images = boot._images()
+    assert model.config.vae.scaling_factor != 1.0
+    assert float(model.encode_images(images).std()) == pytest.approx(1.0, abs=1e-3)
+    # f_enc is the trained SigLIP's vision tower; the whole SiglipModel is kept for evaluation
+    siglip = SiglipModel.from_pretrained(str(out / "siglip"))
+    vision = siglip.vision_model.state_dict()
+    for name, value in model.vision.state_dict().items():
+        assert torch.equal(value, vision[name]), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    llm = [r["llm_loss"] for r in rows if "llm_loss" in r]
+    assert len(llm) == 12 and llm[-1] < llm[0]
+    assert {"vae_recon", "vae_kl", "siglip_loss", "siglip_top1", "vae_latent_std"} <= {k for r in rows for k in r}
+    run = MlflowClient(tracking_uri=boot.cfg.tracking_uri).search_runs(
+        [MlflowClient(tracking_uri=boot.cfg.tracking_uri).get_experiment_by_name("janusflow").experiment_id],
+        filter_string="tags.stage = 'bootstrap'")
+    assert run and run[0].info.status == "FINISHED"
+
+
+def test_resume_skips_finished_parts(booted, train_env):
+    out, _, _ = booted
+    before = (out / "metrics.jsonl").read_text()
+    weights = (out / "parts" / "llm.safetensors").read_bytes()
+    resumed = Bootstrap(_boot_cfg(train_env, out), resume=True, progress=False)
+    resumed.run()
+    assert (out / "metrics.jsonl").read_text() == before  # no step trained again
+    assert (out / "parts" / "llm.safetensors").read_bytes() == weights
+    model, _ = from_pretrained(out / "model")
+    assert model.config.vae.scaling_factor == resumed.model.config.vae.scaling_factor
+    assert torch.equal(model.llm.lm_head.weight, resumed.model.llm.lm_head.weight)
+
+
+def test_bootstrap_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="bootstrap.vae_lr must be a number"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_lr": "fast"}})
+    with pytest.raises(ConfigError, match="unknown key.*'bootstrap'.*vae_step"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_step": 3}})
+    with pytest.raises(ConfigError, match="bootstrap.preset must be one of"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"preset": "huge"}}).validate()
+    with pytest.raises(ConfigError, match="bootstrap.vae_steps must be >= 0"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_batch": 1}}).validate()

@@ -1,0 +1,54 @@
+"""torchrun with 2 CPU processes on gloo reproduces 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from flows.train.trainer import Trainer
+from models.checkpoint import from_pretrained
+from test_train import _cfg, _losses
+
+
+def _torchrun(cfg, tmp_path, nproc: int = 2) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{cfg.parallel}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "flows.cli", "train", "--config", str(path),
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process(train_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    cfg = _cfg(train_env, out, steps=3, grad_accum=2, save_every=3)
+    Trainer(cfg, progress=False).run()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(train_env, one_process, tmp_path, mode):
+    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode)
+    done = _torchrun(cfg, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _losses(one_process), _losses(tmp_path / mode)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert y["samples"] == x["samples"]  # the same micro-batches, split over the ranks
+        for k in ("loss", "ar", "rf", "repa", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    m1, _ = from_pretrained(one_process / "model")
+    m2, _ = from_pretrained(tmp_path / mode / "model")
+    p2 = dict(m2.named_parameters())
+    moved = 0
+    for name, p in m1.named_parameters():
+        assert torch.allclose(p, p2[name], atol=2e-5), name
+        moved += name.startswith("gen_decoder")
+    assert moved
+    meta = json.loads(next((tmp_path / mode / "checkpoints").glob("step-*/meta.json")).read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 3
