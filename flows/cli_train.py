@@ -16,8 +16,15 @@ def cmd_train(args) -> None:
         return
     from flows.train.trainer import Trainer
 
-    model_dir = Trainer(cfg, resume=args.resume, progress=not args.quiet).run()
-    print(f"stage {cfg.stage}: trained {cfg.steps} steps; EMA model in {model_dir}")
+    from flows.train.distributed import close_world
+
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        model_dir = trainer.run()
+    finally:
+        close_world(trainer.world)
+    if trainer.world.main:
+        print(f"stage {cfg.stage}: trained {cfg.steps} steps; EMA model in {model_dir}")
 
 
 def add_train_command(sub) -> None:

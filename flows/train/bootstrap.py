@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,8 @@ PARTS = ("vae", "siglip", "llm")
 class Bootstrap:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, parent_run_id: str | None = None,
                  progress: bool = True):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("stage bootstrap runs in one process: start it without torchrun")
         self.cfg, self.b = cfg, cfg.bootstrap
         self.resume, self.parent_run_id, self.progress = resume, parent_run_id, progress
         self.out = Path(cfg.out)
@@ -249,7 +251,7 @@ class Bootstrap:
 
     def _steps(self, part: str, steps: int):
         bar = tqdm(range(steps), desc=f"bootstrap {part}", unit="step", disable=not self.progress)
-        self._bar, self._t0 = bar, time.perf_counter()
+        self._bar = bar
         yield from bar
         bar.close()
 
