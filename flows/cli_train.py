@@ -14,9 +14,8 @@ def cmd_train(args) -> None:
         model_dir = Bootstrap(cfg, resume=args.resume, progress=not args.quiet).run()
         print(f"stage bootstrap: trained VAE, SigLIP and LLM; model in {model_dir}")
         return
-    from flows.train.trainer import Trainer
-
     from flows.train.distributed import close_world
+    from flows.train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
     try:

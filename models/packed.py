@@ -97,17 +97,15 @@ class PackedObjective(torch.nn.Module):
 
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
                 gen_pixels=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        latents = repa = t = noise = None
+        latents = repa = None
         if gen_pixels is not None and len(gen_pixels):
             latents = self.model.encode_images(gen_pixels).float()
             if self.repa_weight > 0:
                 repa = self.model.repa_target(gen_pixels)
-            t = flow.sample_t(latents.shape[0], generator=generator).to(latents.device)
-            noise = torch.randn(latents.shape, generator=generator).to(latents)
         device = input_ids.device
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             return packed_losses(self.model, input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, roles=roles, labels=labels,
-                                 und_pixels=und_pixels, latents=latents, repa_target=repa, t=t,
-                                 noise=noise, repa_weight=self.repa_weight)
+                                 und_pixels=und_pixels, latents=latents, repa_target=repa,
+                                 generator=generator, repa_weight=self.repa_weight)

@@ -60,16 +60,13 @@ class Bootstrap:
         self.step = 0  # one step counter over the three parts, for the MLflow curves
 
     def run(self) -> Path:
-        from flows.train.trainer import git_commit
-
         self.out.mkdir(parents=True, exist_ok=True)
         run_id = None
         meta_path = self.parts_dir / "meta.json"
         if self.resume and meta_path.is_file():
             run_id = json.loads(meta_path.read_text()).get("run_id")
         tracker = Tracker(self.cfg, run_id=run_id, parent_run_id=self.parent_run_id,
-                          tags={"data_version": self.data_version, "git_commit": git_commit(),
-                                "stage": "bootstrap", "preset": self.b.preset})
+                          tags={"data_version": self.data_version, "preset": self.b.preset})
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({"run_id": tracker.run_id}))
         self.log = open(self.out / "metrics.jsonl", "a")
@@ -103,7 +100,7 @@ class Bootstrap:
             recon = F.mse_loss(vae.decode(z).sample, x)
             kl = dist.kl().mean() / dist.mean[0].numel()
             loss = recon + b.kl_weight * kl
-            self._update(opt, vae.parameters(), loss, i, b.vae_lr)
+            self._update(opt, loss, i, b.vae_lr)
             self._record(tracker, vae_loss=loss, vae_recon=recon, vae_kl=kl)
         vae.requires_grad_(False).eval()
         with torch.no_grad():
@@ -119,14 +116,14 @@ class Bootstrap:
         siglip = self.siglip_model()
         siglip.vision_model.load_state_dict(self.model.vision.state_dict(), strict=False)
         siglip.train()
-        ids = self._tokens(captions, siglip.config.text_config.max_position_embeddings, pad_to_max=True)
+        ids = self._tokens(captions, siglip.config.text_config.max_position_embeddings)
         opt = self._optimizer(siglip.parameters(), b.siglip_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
         for i in self._steps("siglip", b.siglip_steps):
             idx = torch.randperm(len(images), generator=gen)[: b.siglip_batch]
             out = siglip(input_ids=ids[idx].to(self.device), pixel_values=images[idx].to(self.device),
                          return_loss=True)
-            self._update(opt, siglip.parameters(), out.loss, i, b.siglip_lr)
+            self._update(opt, out.loss, i, b.siglip_lr)
             with torch.no_grad():  # in-batch retrieval: does each image pick its own caption?
                 top1 = (out.logits_per_image.argmax(1) == torch.arange(len(idx))).float().mean()
             self._record(tracker, siglip_loss=out.loss, siglip_top1=top1)
@@ -145,13 +142,12 @@ class Bootstrap:
                              f"llm_seq_len={b.llm_seq_len}")
         chunks = stream[: rows * b.llm_seq_len].view(rows, b.llm_seq_len)
         llm.train()
-        params = [p for p in llm.parameters()]
-        opt = self._optimizer(params, b.llm_lr)
+        opt = self._optimizer(llm.parameters(), b.llm_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
         for i in self._steps("llm", b.llm_steps):
             x = chunks[torch.randint(rows, (b.llm_batch,), generator=gen)].to(self.device)
             loss = llm(input_ids=x, labels=x).loss
-            self._update(opt, params, loss, i, b.llm_lr)
+            self._update(opt, loss, i, b.llm_lr)
             self._record(tracker, llm_loss=loss)
         llm.eval()
 
@@ -206,7 +202,9 @@ class Bootstrap:
         eos = self.processor.eos_id
         return [t for text in texts if text for t in (*self.processor.encode(text), eos)]
 
-    def _tokens(self, texts: list[str], length: int, *, pad_to_max: bool) -> torch.Tensor:
+    def _tokens(self, texts: list[str], length: int) -> torch.Tensor:
+        """Each text + EOS, right-padded to `length`: SigLIP's text tower pools the last position,
+        so every row has the same length and no attention mask, as SigLIP was trained."""
         pad = self.processor.pad_id
         rows = [self.processor.encode(t, bos=False)[: length - 1] + [self.processor.eos_id] for t in texts]
         return torch.tensor([r + [pad] * (length - len(r)) for r in rows], dtype=torch.long)
@@ -236,7 +234,7 @@ class Bootstrap:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=self.cfg.betas,
                                  weight_decay=self.cfg.weight_decay)
 
-    def _update(self, opt, params, loss: torch.Tensor, i: int, lr: float) -> None:
+    def _update(self, opt, loss: torch.Tensor, i: int, lr: float) -> None:
         if not torch.isfinite(loss):
             raise ValueError(f"bootstrap step {self.step + 1}: non-finite loss {float(loss)}; "
                              "stopped without saving this part")

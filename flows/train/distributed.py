@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-MODES = ("ddp", "fsdp")
-
+from flows.train.config import PARALLEL
 
 @dataclass(frozen=True)
 class World:
@@ -109,7 +108,7 @@ def parallelize(objective: torch.nn.Module, *, mode: str, world: World, device: 
             fully_shard(block, **kwargs)
         fully_shard(objective, **kwargs)
         return objective
-    raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
+    raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {mode!r}")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

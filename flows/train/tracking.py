@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,7 +31,18 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 class Tracker:
+    """An MLflow run for one stage; tags `stage` and `git_commit` are added to the caller's."""
+
     def __init__(self, cfg, *, run_id: str | None, parent_run_id: str | None, tags: dict):
         uri = tracking_uri(cfg.tracking_uri)
         mlflow.set_tracking_uri(uri)
@@ -38,7 +50,8 @@ class Tracker:
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-            all_tags = {**tags, "mlflow.runName": f"stage-{cfg.stage}"}
+            all_tags = {"stage": cfg.stage, "git_commit": git_commit(), **tags,
+                        "mlflow.runName": f"stage-{cfg.stage}"}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, tags=all_tags)

@@ -10,7 +10,6 @@ accumulates N times as many micro-batches.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -120,8 +119,8 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             tracker = Tracker(cfg, run_id=self.run_id, parent_run_id=self.parent_run_id,
-                              tags={"data_version": self.data_version, "git_commit": git_commit(),
-                                    "stage": cfg.stage, "preset": self.model.config.preset,
+                              tags={"data_version": self.data_version,
+                                    "preset": self.model.config.preset,
                                     "world_size": str(self.world.size)})
             self.run_id = tracker.run_id
             log = open(self.out / "metrics.jsonl", "a")
@@ -296,13 +295,3 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
 
 def _add(sums: dict, key: str, value: float) -> None:
     sums[key] = sums.get(key, 0.0) + value
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
