@@ -13,12 +13,12 @@ from data.shards import DataError
 from data.stream import parse_schedule
 
 STAGE_DATA = {
-    "1": {"gen_template": "plain", "und_template": "plain", "cfg_dropout": 0.1,
+    "1": {"gen_template": "plain", "und_template": "plain", "cfg_dropout": 0.1, "caption_prob": 0.0,
           "mix": {"und": 50, "gen": 50, "text": 0}},
-    "2": {"gen_template": "plain", "und_template": "plain", "cfg_dropout": 0.1,
+    "2": {"gen_template": "plain", "und_template": "plain", "cfg_dropout": 0.1, "caption_prob": 0.0,
           "mix": [{"until": 10_000, "ratio": {"und": 30, "gen": 50, "text": 20}},
                   {"ratio": {"und": 14, "gen": 80, "text": 6}}]},
-    "3": {"gen_template": "chat", "und_template": "chat", "cfg_dropout": 0.1,
+    "3": {"gen_template": "chat", "und_template": "chat", "cfg_dropout": 0.1, "caption_prob": 0.0,
           "mix": {"und": 21, "gen": 70, "text": 9}},
 }
 

@@ -121,15 +121,17 @@ class SequenceSource:
 
     def __init__(self, root: str | Path, split: str, processor: JanusFlowProcessor, *,
                  num_gen_tokens: int, gen_image_size: int, gen_template: str = "plain",
-                 und_template: str = "chat", cfg_dropout: float = 0.1, seed: int = 0,
-                 with_images: bool = True):
-        if not 0.0 <= cfg_dropout <= 1.0:
-            raise DataError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
+                 und_template: str = "chat", cfg_dropout: float = 0.1, caption_prob: float = 0.0,
+                 seed: int = 0, with_images: bool = True):
+        for name, value in (("cfg_dropout", cfg_dropout), ("caption_prob", caption_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"{name} must be in [0, 1], got {value}")
         self.readers = {k: ShardReader(root, split, k) for k in KINDS}
         self.processor = processor
         self.num_gen_tokens, self.gen_image_size = num_gen_tokens, gen_image_size
         self.gen_template, self.und_template = gen_template, und_template
         self.cfg_dropout, self.seed, self.with_images = cfg_dropout, seed, with_images
+        self.caption_prob = caption_prob
 
     def sizes(self) -> dict[str, int]:
         return {k: len(r) for k, r in self.readers.items()}
@@ -143,6 +145,10 @@ class SequenceSource:
         if kind == "und":
             return encode_und(self.processor, record, image, template=self.und_template)
         drop = bool(rng.random() < self.cfg_dropout)
+        if self.caption_prob and record.get("caption") and rng.random() < self.caption_prob:
+            # the detailed caption instead of the short prompt: every word of it is visible in
+            # the image, which teaches the flow to read its prompt sooner
+            record = {**record, "prompt": record["caption"]}
         return encode_gen(self.processor, record, image, num_gen_tokens=self.num_gen_tokens,
                           image_size=self.gen_image_size, template=self.gen_template,
                           drop_prompt=drop, rng=rng, image_bytes=data)

@@ -103,6 +103,8 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from flows.cli_data import add_data_commands
+    from flows.cli_eval import add_eval_commands
+    from flows.cli_registry import add_registry_commands
     from flows.cli_train import add_train_command
     from models.config import PRESETS
 
@@ -149,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
     add_train_command(sub)
+    add_eval_commands(sub)
+    add_registry_commands(sub)
 
     demo = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo")

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 
+PARENT_RUN_ENV = "JANUSFLOW_PARENT_RUN_ID"  # set by the Prefect pipeline: stage runs nest under it
+
+
 def cmd_train(args) -> None:
+    import os
+
     from flows.train.config import load_config
 
+    parent = os.environ.get(PARENT_RUN_ENV) or None
     cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
                       out=args.out, steps=args.steps)
     if cfg.stage == "bootstrap":
         from flows.train.bootstrap import Bootstrap
 
-        model_dir = Bootstrap(cfg, resume=args.resume, progress=not args.quiet).run()
+        model_dir = Bootstrap(cfg, resume=args.resume, parent_run_id=parent, progress=not args.quiet).run()
         print(f"stage bootstrap: trained VAE, SigLIP and LLM; model in {model_dir}")
         return
     from flows.train.distributed import close_world
     from flows.train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    trainer = Trainer(cfg, resume=args.resume, parent_run_id=parent, progress=not args.quiet)
     try:
         model_dir = trainer.run()
     finally:

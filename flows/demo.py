@@ -1,67 +1,70 @@
-"""`make demo`: the best end-to-end run the project can do so far, offline on CPU.
+"""`make demo`: the whole pipeline on the embedded shapes world, offline on CPU.
 
-Today that is the model foundation: build the `shapes` preset (random weights: training arrives with
-the training issue), save and reload it, sample images with the cached sampler and check them
-against the recompute-every-step loop, answer a question, and summarise the 1.3B preset.
+It runs the Prefect flow `train-all` (data -> bootstrap -> stages 1-3 -> evaluate -> gate ->
+registry -> champion smoke test) in this process, with a temporary Prefect server, then leaves a
+few images and answers of the registry's champion under runs/demo/ (README: "What the demo shows").
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-from models.pipeline import JanusFlowPipeline
-from models.processor import tensor_to_pil
-
-PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",
-           "three purple circles"]
+SHOWCASE_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow circles",
+                    "a red square left of a blue circle", "three triangles",
+                    "a purple square and an orange triangle", "a circle"]
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def champion_showcase(out: Path, *, corpus: str | Path = "data/corpora/shapes", steps: int = 30,
+                      guidance: float = 3.0, questions: int = 8) -> dict:
+    """Images and answers from models:/janusflow@champion, loaded the way MLflow serves it."""
+    import mlflow
+    import pandas as pd
+    from PIL import Image
 
+    from flows.evaluate.evaluate import questions as read_questions
+    from flows.train.samples import grid
 
-def run_demo(out: Path, *, preset: str = "shapes", steps: int = 30) -> dict:
-    from flows.cli import _print_summary, model_summary
-
+    model = mlflow.pyfunc.load_model("models:/janusflow@champion")
     out.mkdir(parents=True, exist_ok=True)
-    print("== the paper's model, built on the meta device")
-    _print_summary(model_summary("janusflow-1.3b"))
-
-    print(f"\n== {preset} preset (random weights), save + reload")
-    pipe = JanusFlowPipeline.from_config(preset, seed=0)
-    model_dir = pipe.save_pretrained(out / "model")
-    pipe = JanusFlowPipeline.from_pretrained(model_dir)
-    print(f"saved and reloaded {model_dir}")
-
-    print(f"\n== text to image: {len(PROMPTS)} prompts, {steps} steps, CFG 2.0")
-    kwargs = dict(num_inference_steps=steps, guidance_scale=2.0, seed=0, output_type="latent")
-    cached, t_cached = _timed(lambda: pipe(PROMPTS, use_cache=True, **kwargs))
-    full, t_full = _timed(lambda: pipe(PROMPTS, use_cache=False, **kwargs))
-    diff = float((cached - full).abs().max())
-    images = [tensor_to_pil(x) for x in pipe.model.decode_latents(cached)]
-    image_dir = out / "images"
-    image_dir.mkdir(exist_ok=True)
+    rows = [{"prompt": p, "steps": steps, "guidance": guidance, "seed": i}
+            for i, p in enumerate(SHOWCASE_PROMPTS)]
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in model.predict(pd.DataFrame(rows))]
     for i, image in enumerate(images):
-        image.save(image_dir / f"{i:02d}.png")
-    print(f"cached prefix: {t_cached:.2f}s, recompute every step: {t_full:.2f}s, "
-          f"max |latent difference| {diff:.2e}; images in {image_dir}")
+        image.save(out / f"image-{i:02d}.png")
+    grid(images, SHOWCASE_PROMPTS).save(out / "images.png")
+    qa = read_questions(corpus, "heldout", questions)
+    encoded = []
+    for image, question, _ in qa:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        encoded.append({"image": base64.b64encode(buf.getvalue()).decode(), "question": question})
+    answers = model.predict(pd.DataFrame(encoded)) if encoded else []
+    answered = [{"question": q, "expected": a, "answer": got} for (_, q, a), got in zip(qa, answers)]
+    for k, (image, _, _) in enumerate(qa):
+        image.save(out / f"question-{k:02d}.png")
+    (out / "answers.json").write_text(json.dumps(answered, indent=2))
+    return {"images": len(images), "answers": answered, "out": str(out)}
 
-    print("\n== image understanding")
-    scene = Image.new("RGB", (64, 64), (255, 255, 255))
-    ImageDraw.Draw(scene).ellipse((16, 16, 48, 48), fill=(220, 30, 30))
-    answer = pipe.answer(scene, "What colour is the circle?", max_new_tokens=8)
-    print(f"Q: What colour is the circle?  A (untrained): {answer!r}")
 
-    report = {"preset": preset, "steps": steps, "prompts": PROMPTS,
-              "seconds_cached": round(t_cached, 3), "seconds_recompute": round(t_full, 3),
-              "max_latent_difference": diff, "answer": answer, "model_dir": str(model_dir)}
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out / 'demo.json'}")
+def run_demo(out: Path) -> dict:
+    from flows.pipeline import ROOT, train_all
+
+    start = time.perf_counter()
+    summary = train_all(root=str(ROOT), showcase=str(out))
+    minutes = (time.perf_counter() - start) / 60
+    metrics = summary["metrics"]
+    print(f"\n== demo finished in {minutes:.1f} min")
+    for key in ("geneval_overall", "vqa_accuracy", "fd_fenc", "clip_score"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]:.4f}")
+    print(f"  champion: version {summary['promotion']['version']} "
+          f"({'promoted' if summary['promotion']['promoted'] else 'kept'}: {summary['promotion']['reason']})")
+    print(f"  images and answers of the champion: {out}/images.png, {out}/answers.json")
+    report = {"minutes": round(minutes, 2), **summary}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
     return report
-

@@ -202,6 +202,11 @@ def _coerce(value, tp, field_name: str):
         tp = next(a for a in args if a is not type(None))
         args = typing.get_args(tp)
     origin = typing.get_origin(tp) or tp
+    if origin in (int, float) and isinstance(value, str):
+        try:  # YAML reads 1e-3 (no dot) as a string; take it as the number it spells
+            value = float(value)
+        except ValueError:
+            pass
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is bool and isinstance(value, bool):
         return value

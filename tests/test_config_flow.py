@@ -104,3 +104,13 @@ def test_initial_noise_is_per_row():
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
     with pytest.raises(ValueError, match="one seed per row"):
         flow.initial_noise((2, 4, 3, 3), [1])
+
+
+def test_yaml_exponent_without_a_dot_is_taken_as_a_number():
+    """YAML 1.1 reads `lr: 1e-3` as the string '1e-3'; configs take it as the number it spells."""
+    from flows.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"stage": "1", "init": "x", "corpus": "y", "out": "z", "lr": "1e-3"})
+    assert cfg.lr == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig.from_dict({"stage": "1", "init": "x", "corpus": "y", "out": "z", "lr": "fast"})

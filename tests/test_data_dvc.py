@@ -57,15 +57,15 @@ def test_repro_is_deterministic_and_push_pull_work_offline(project):
     metrics = json.loads((project / "data" / "metrics" / "shapes.json").read_text())
     assert metrics["data_version"] == first and metrics["train_gen"] == SMALL_SHAPES["train_gen"]
     assert metrics["packing_efficiency"] >= 0.95
-    assert "up to date" in _run(project, "dvc", "status")
+    assert "up to date" in _run(project, "dvc", "status", "data")
 
-    _run(project, "dvc", "push")
+    _run(project, "dvc", "push", "data")
     assert any((project / ".dvc-remote").rglob("*"))  # the default local remote
     shutil.rmtree(corpus)
     shutil.rmtree(project / ".dvc" / "cache")
-    _run(project, "dvc", "pull")
+    _run(project, "dvc", "pull", "data")
     assert verify(corpus) == [] and read_manifest(corpus)["hash"] == first
 
     _run(project, "dvc", "repro", "--force", "data")
     assert read_manifest(corpus)["hash"] == first  # the same bytes again
-    assert "up to date" in _run(project, "dvc", "status")
+    assert "up to date" in _run(project, "dvc", "status", "data")

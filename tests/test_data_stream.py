@@ -105,3 +105,29 @@ def test_stage_defaults_follow_the_paper():
         stage_data(1, ratio=3)
     with pytest.raises(DataError, match="stage 2"):
         stage_data(3, warmup_mix_steps=5)
+
+
+def test_caption_prob_swaps_the_prompt_for_the_scene_caption(shapes_corpus, shapes_processor):
+    """caption_prob p: about p of the generation samples are conditioned on the detailed caption;
+    0 keeps the short prompt, and the rest of the sample (image crop, dropout) is unchanged."""
+    from data.shards import ShardReader
+    from data.stream import SequenceSource
+
+    reader = ShardReader(shapes_corpus, "train", "gen")
+
+    def source(p):
+        return SequenceSource(shapes_corpus, "train", shapes_processor, num_gen_tokens=64,
+                              gen_image_size=64, gen_template="plain", cfg_dropout=0.0, caption_prob=p)
+
+    plain, always, half = source(0.0), source(1.0), source(0.5)
+    n, captioned = 40, 0
+    for i in range(n):
+        record, _ = reader.read(i)
+        prompt_ids = shapes_processor.encode(record["prompt"])
+        caption_ids = shapes_processor.encode(record["caption"])
+        assert plain.encode("gen", i, draw=i).input_ids[:len(prompt_ids)] == prompt_ids
+        assert always.encode("gen", i, draw=i).input_ids[:len(caption_ids)] == caption_ids
+        captioned += half.encode("gen", i, draw=i).input_ids[:len(caption_ids)] == caption_ids
+    assert 0.25 * n < captioned < 0.75 * n
+    with pytest.raises(Exception, match="caption_prob"):
+        source(1.5)

@@ -115,10 +115,13 @@ def _place_relative(rng, shape, colour, size, others, anchor: Obj, relation: str
 
 
 def relation_holds(a: Obj, b: Obj, relation: str, *, margin: float = 0.0) -> bool:
-    """`a relation b`, in image coordinates (y grows downwards)."""
+    """`a relation b`, in image coordinates (y grows downwards): the offset along the relation's
+    axis exceeds `margin` and is at least twice the offset across it, so the direction is the
+    dominant one (what GenEval's position check reads off the boxes)."""
     dx, dy = a.x - b.x, a.y - b.y
-    return {"left of": dx < -margin, "right of": dx > margin,
-            "above": dy < -margin, "below": dy > margin}[relation]
+    along, across = {"left of": (-dx, dy), "right of": (dx, dy),
+                     "above": (-dy, dx), "below": (dy, dx)}[relation]
+    return along > margin and abs(across) <= along / 2
 
 
 # -- understanding --------------------------------------------------------------------------------

@@ -12,10 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data.sequences import conversation_turns, decode_image
-from data.shards import ShardReader
 from models.pipeline import JanusFlowPipeline
-from models.tokenizer import IMAGE
 
 
 def eval_prompts(corpus: str | Path, n: int) -> list[str]:
@@ -36,26 +33,10 @@ def eval_prompts(corpus: str | Path, n: int) -> list[str]:
 
 
 def heldout_questions(corpus: str | Path, n: int) -> list[tuple[Image.Image, str, str]]:
-    """Up to n (image, question, answer) triples from the held-out understanding split; captions
-    are left out (exact match says little about a sentence)."""
-    try:
-        reader = ShardReader(corpus, "heldout", "und")
-    except (FileNotFoundError, ValueError):
-        return []
-    out = []
-    for i in range(len(reader)):
-        record, data = reader.read(i)
-        if data is None or record.get("task") == "caption":
-            continue
-        image = decode_image(data)
-        for user, answer in conversation_turns(record):
-            question = user.replace(IMAGE, "").strip()
-            if record.get("task") == "multi" and question.startswith("Generate the caption"):
-                continue
-            out.append((image, question, answer))
-            if len(out) >= n:
-                return out
-    return out
+    """Up to n (image, question, answer) triples from the held-out understanding split."""
+    from flows.evaluate.evaluate import questions
+
+    return questions(corpus, "heldout", n) if n > 0 else []
 
 
 def grid(images: list[Image.Image], labels: list[str], *, columns: int = 4, scale: int = 2) -> Image.Image:

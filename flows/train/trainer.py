@@ -102,7 +102,8 @@ class Trainer:
                                 num_gen_tokens=conf.num_gen_tokens, gen_image_size=conf.gen.image_size,
                                 gen_template=settings["gen_template"],
                                 und_template=settings["und_template"],
-                                cfg_dropout=settings["cfg_dropout"], seed=cfg.seed)
+                                cfg_dropout=settings["cfg_dropout"],
+                                caption_prob=settings["caption_prob"], seed=cfg.seed)
         self.stream = PackedStream(source, Mixer(settings["mix"], source.sizes(), seed=cfg.seed),
                                    rows=cfg.rows, max_len=cfg.max_len)
         self.data_version = read_manifest(cfg.corpus)["hash"]

@@ -1,0 +1,36 @@
+"""The evaluation's MLflow run: metrics, the report folder and metrics.json as artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from flows.train.tracking import flatten, git_commit, tracking_uri
+
+EXPERIMENT = "janusflow"
+
+
+def log_evaluation(metrics: dict, *, model: Path, report: Path, metrics_file: Path, cfg,
+                   parent_run_id: str | None = None, experiment: str = EXPERIMENT) -> str:
+    uri = tracking_uri(None)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    tags = {"stage": "evaluate", "git_commit": git_commit(), "model_dir": str(model.resolve()),
+            "mlflow.runName": "evaluate"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
+    params = flatten("eval", dataclasses.asdict(cfg), {})
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in sorted(params.items())],
+                     metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())
+                              if isinstance(v, (int, float))])
+    client.log_artifacts(run_id, str(report), "report")
+    client.log_artifact(run_id, str(metrics_file))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id

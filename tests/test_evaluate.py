@@ -1,0 +1,70 @@
+"""`janusflow eval` on the tiny model: every metric present and in range, report and MLflow run
+written; the Frechet distance behaves like one; bad input is a one-line error."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from flows.evaluate.evaluate import EvalConfig, evaluate, frechet_distance, load_detector
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 8))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = a + 3.0
+    assert frechet_distance(a, shifted) == pytest.approx(8 * 9.0, rel=1e-6)  # ||mu||^2 = 8 * 3^2
+    wider = a * 2.0  # mean x2, covariance x4: ||mu||^2 + Tr(S + 4S - 2*2S) = ||mu||^2 + Tr(S)
+    expected = (a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, wider) == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_tiny_model_writes_every_metric(train_env, tmp_path):
+    cfg = EvalConfig(corpus=str(train_env / "corpus"), images_per_prompt=2, steps=2, batch=8)
+    metrics = evaluate(train_env / "init", cfg, report_dir=tmp_path / "report")
+    for key in ("geneval_overall", "geneval_unseen_overall", "vqa_accuracy", "fd_fenc"):
+        assert key in metrics
+    assert 0.0 <= metrics["geneval_overall"] <= 1.0 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
+    assert metrics["fd_fenc"] > 0.0
+    prompts = sum(1 for line in (train_env / "corpus/eval/geneval.jsonl").read_text().splitlines() if line)
+    assert metrics["images"] == 2 * prompts
+    report = (tmp_path / "report/report.md").read_text()
+    assert "GenEval categories" in report and (tmp_path / "report/samples.png").is_file()
+    details = json.loads((tmp_path / "report/details.json").read_text())
+    assert len(details["geneval"]) == metrics["images"]
+
+
+def test_eval_cli_logs_mlflow_and_dvc_outputs(train_env, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "params.yaml").write_text(
+        f"eval:\n  corpus: {train_env / 'corpus'}\n  images_per_prompt: 1\n  steps: 2\n  batch: 8\n")
+    out = tmp_path / "eval/metrics.json"
+    assert main(["eval", "--model", str(train_env / "init"), "--params", str(tmp_path / "params.yaml"),
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    categories = json.loads((out.parent / "categories.json").read_text())
+    assert {c["category"] for c in categories} == {k[len("geneval_"):] for k in metrics
+                                                   if k.startswith("geneval_") and "overall" not in k}
+    run_id = json.loads((out.parent / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.metrics["geneval_overall"] == pytest.approx(metrics["geneval_overall"])
+    assert run.data.tags["stage"] == "evaluate"
+
+
+def test_eval_bad_input_is_one_line(train_env, tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--out", str(tmp_path / "m.json"),
+                 "--corpus", str(train_env / "corpus"), "--no-mlflow"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("eval:\n  stepz: 3\n")
+    assert main(["eval", "--model", str(train_env / "init"), "--out", str(tmp_path / "m.json"),
+                 "--params", str(tmp_path / "params.yaml")]) == 2
+    assert "stepz" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="package.module:function"):
+        load_detector("nonsense")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_detector("no_such_module:detect")
