@@ -51,10 +51,20 @@ def champion_showcase(out: Path, *, corpus: str | Path = "data/corpora/shapes", 
 
 
 def run_demo(out: Path) -> dict:
-    from flows.pipeline import ROOT, train_all
+    from flows.pipeline import EVAL_DIR, ROOT, GateFailed, train_all
 
     start = time.perf_counter()
-    summary = train_all(root=str(ROOT), showcase=str(out))
+    try:
+        summary = train_all(root=str(ROOT), showcase=str(out))
+    except GateFailed as exc:
+        minutes = (time.perf_counter() - start) / 60
+        print(f"\n== demo stopped at the gate after {minutes:.1f} min: {exc}")
+        gate = json.loads((ROOT / EVAL_DIR / "gate.json").read_text())
+        for c in gate["checks"]:
+            value = "missing" if c["value"] is None else f"{c['value']:.4f}"
+            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['metric']} = {value} (needs {c['op']} {c['threshold']:g})")
+        print(f"  report: {ROOT / EVAL_DIR / 'report' / 'report.md'}")
+        raise SystemExit(1) from None
     minutes = (time.perf_counter() - start) / 60
     metrics = summary["metrics"]
     print(f"\n== demo finished in {minutes:.1f} min")

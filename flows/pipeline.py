@@ -23,6 +23,10 @@ TRAIN_STAGES = ("data", "bootstrap", "stage1", "stage2", "stage3")
 EVAL_DIR = Path("runs/shapes/eval")
 
 
+class GateFailed(RuntimeError):
+    """The evaluated model missed a gate: it stays `challenger` and nothing after the gate runs."""
+
+
 class StageFailed(RuntimeError):
     """`dvc repro STAGE` exited non-zero; the message ends with the command's last output line."""
 
@@ -168,7 +172,7 @@ def _train_all(root: str, showcase: str) -> dict:
                "metrics": evaluation["metrics"]}
     if not gate["passed"]:
         failed = [c["metric"] for c in gate["checks"] if not c["passed"]]
-        raise RuntimeError(f"gate failed on {', '.join(failed)}: version {decision['version']} "
+        raise GateFailed(f"gate failed on {', '.join(failed)}: version {decision['version']} "
                            f"stays challenger, champion unchanged, nothing exported")
     summary["showcase"] = smoke_task(str(Path(root) / showcase), root)
     return summary
