@@ -51,6 +51,7 @@ def champion_showcase(out: Path, *, corpus: str | Path = "data/corpora/shapes", 
 
 
 def run_demo(out: Path) -> dict:
+    from flows.evaluate.gate import describe
     from flows.pipeline import EVAL_DIR, ROOT, GateFailed, train_all
 
     start = time.perf_counter()
@@ -59,10 +60,7 @@ def run_demo(out: Path) -> dict:
     except GateFailed as exc:
         minutes = (time.perf_counter() - start) / 60
         print(f"\n== demo stopped at the gate after {minutes:.1f} min: {exc}")
-        gate = json.loads((ROOT / EVAL_DIR / "gate.json").read_text())
-        for c in gate["checks"]:
-            value = "missing" if c["value"] is None else f"{c['value']:.4f}"
-            print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['metric']} = {value} (needs {c['op']} {c['threshold']:g})")
+        print(describe(json.loads((ROOT / EVAL_DIR / "gate.json").read_text())))
         print(f"  report: {ROOT / EVAL_DIR / 'report' / 'report.md'}")
         raise SystemExit(1) from None
     minutes = (time.perf_counter() - start) / 60

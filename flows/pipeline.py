@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -43,8 +44,6 @@ def _env(root: Path) -> dict:
 
 def repro(stage: str, root: Path = ROOT) -> dict:
     """Run `dvc repro STAGE`; returns {stage, ran, seconds}. `ran` is False when DVC skipped it."""
-    import time
-
     start = time.perf_counter()
     proc = subprocess.run(["dvc", "repro", stage], cwd=root, env=_env(root), capture_output=True, text=True)
     output = (proc.stdout + proc.stderr).strip()
@@ -128,12 +127,10 @@ def parent_run(root: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     from flows.cli_train import PARENT_RUN_ENV
-    from flows.train.tracking import git_commit
+    from flows.train.tracking import experiment_id, git_commit
 
     client = MlflowClient(tracking_uri=_env(root)["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("janusflow")
-    exp_id = exp.experiment_id if exp else client.create_experiment("janusflow")
-    run_id = client.create_run(exp_id, tags={"mlflow.runName": "train-all", "stage": "pipeline",
+    run_id = client.create_run(experiment_id(client, "janusflow"), tags={"mlflow.runName": "train-all", "stage": "pipeline",
                                              "git_commit": git_commit()}).info.run_id
     os.environ[PARENT_RUN_ENV] = run_id
     return run_id

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flows.train.tracking import tracking_uri
+from flows.train.tracking import experiment_id, tracking_uri
 
 MODEL_NAME = "janusflow"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -109,10 +109,8 @@ def log_and_register(model_dir: str | Path, metrics: dict, gate: dict, *, run_id
         version = str(max(int(v.version) for v in known))
         c.set_registered_model_alias(name, CHALLENGER, version)
         return version
-    exp = c.get_experiment_by_name("janusflow")
-    exp_id = exp.experiment_id if exp else c.create_experiment("janusflow")
     if run_id is None:
-        run_id = c.create_run(exp_id, tags={"mlflow.runName": "register"}).info.run_id
+        run_id = c.create_run(experiment_id(c, "janusflow"), tags={"mlflow.runName": "register"}).info.run_id
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=JanusFlowModel(),
                                        artifacts={"model": str(model_dir)},

@@ -78,3 +78,30 @@ def test_bootstrap_config_errors_name_the_field():
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"preset": "huge"}}).validate()
     with pytest.raises(ConfigError, match="bootstrap.vae_steps must be >= 0"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_batch": 1}}).validate()
+
+
+def test_clip_score_reads_the_bootstrap_siglip_with_its_training_tokens(booted, train_env):
+    """clip_score tokenizes as the bootstrap trained (text + EOS, padded to the tower's length):
+    the scores equal the trained model's own cosine similarities on those token rows."""
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, SiglipModel
+
+    from flows.evaluate.evaluate import clip_score
+    from flows.train.bootstrap import siglip_text_ids
+    from models.processor import pil_to_tensor
+
+    out = booted[0]
+    images = [Image.new("RGB", (32, 32), c) for c in ((220, 40, 40), (40, 80, 220))]
+    prompts = ["a red circle", "a blue square"]
+    score = clip_score(out / "siglip", images, prompts)
+    model = SiglipModel.from_pretrained(str(out / "siglip")).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "siglip"))
+    cfg = model.config.text_config
+    ids = siglip_text_ids(tok, prompts, cfg.max_position_embeddings, eos_id=cfg.eos_token_id,
+                          pad_id=cfg.pad_token_id)
+    assert (ids[:, -1] == cfg.pad_token_id).all() and cfg.eos_token_id in ids[0].tolist()
+    with torch.no_grad():
+        o = model(input_ids=ids, pixel_values=torch.stack([pil_to_tensor(i) for i in images]))
+    expected = torch.nn.functional.cosine_similarity(o.image_embeds, o.text_embeds).mean()
+    assert -1.0 <= score <= 1.0 and score == pytest.approx(float(expected), abs=1e-5)

@@ -28,6 +28,7 @@ from data.sequences import conversation_turns, decode_image
 from data.shards import ShardReader
 from flows.evaluate.geneval import judge, summarise, with_exact_counts
 from models.pipeline import JanusFlowPipeline
+from models.processor import pil_to_tensor
 from models.tokenizer import IMAGE
 
 
@@ -183,21 +184,22 @@ def clip_score(clip_dir: str | Path, images: list[Image.Image], prompts: list[st
     """Mean cosine similarity of SigLIP image and text embeddings (higher: prompts followed)."""
     from transformers import AutoTokenizer, SiglipModel
 
+    from flows.train.bootstrap import siglip_text_ids
+
     path = Path(clip_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"eval.clip: {path} is not a SiglipModel directory (no config.json)")
     model = SiglipModel.from_pretrained(str(path)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     size = model.config.vision_config.image_size
-    length = model.config.text_config.max_position_embeddings
+    text_config = model.config.text_config
     sims = []
     for k in range(0, len(images), batch):
-        ims = [im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) for im in images[k:k + batch]]
-        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-                              for im in ims])
-        text = tokenizer(prompts[k:k + batch], padding="max_length", max_length=length,
-                         truncation=True, return_tensors="pt")
-        out = model(input_ids=text.input_ids, pixel_values=pixels)
+        pixels = torch.stack([pil_to_tensor(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+                              for im in images[k:k + batch]])
+        ids = siglip_text_ids(tokenizer, prompts[k:k + batch], text_config.max_position_embeddings,
+                              eos_id=text_config.eos_token_id, pad_id=text_config.pad_token_id)
+        out = model(input_ids=ids, pixel_values=pixels)
         sims.append(torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).double())
     return float(torch.cat(sims).mean())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from flows.train.tracking import flatten, git_commit, tracking_uri
+from flows.train.tracking import experiment_id, flatten, git_commit, tracking_uri
 
 EXPERIMENT = "janusflow"
 
@@ -18,8 +18,7 @@ def log_evaluation(metrics: dict, *, model: Path, report: Path, metrics_file: Pa
                    parent_run_id: str | None = None, experiment: str = EXPERIMENT) -> str:
     uri = tracking_uri(None)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment)
     tags = {"stage": "evaluate", "git_commit": git_commit(), "model_dir": str(model.resolve()),
             "mlflow.runName": "evaluate"}
     if parent_run_id:

@@ -203,11 +203,8 @@ class Bootstrap:
         return [t for text in texts if text for t in (*self.processor.encode(text), eos)]
 
     def _tokens(self, texts: list[str], length: int) -> torch.Tensor:
-        """Each text + EOS, right-padded to `length`: SigLIP's text tower pools the last position,
-        so every row has the same length and no attention mask, as SigLIP was trained."""
-        pad = self.processor.pad_id
-        rows = [self.processor.encode(t, bos=False)[: length - 1] + [self.processor.eos_id] for t in texts]
-        return torch.tensor([r + [pad] * (length - len(r)) for r in rows], dtype=torch.long)
+        return siglip_text_ids(self.processor.tokenizer, texts, length, eos_id=self.processor.eos_id,
+                               pad_id=self.processor.pad_id)
 
     # -- SigLIP -------------------------------------------------------------------------------------
     def siglip_model(self) -> SiglipModel:
@@ -292,3 +289,11 @@ class Bootstrap:
             self._set_scaling(float(meta["scaling_factor"]))
         self.step = int(meta["step"])
         return True
+
+
+def siglip_text_ids(tokenizer, texts: list[str], length: int, *, eos_id: int, pad_id: int) -> torch.Tensor:
+    """(N, length) text-tower input: each text + EOS, right-padded to `length`. SigLIP's text tower
+    pools the last position, so every row has the same length and no attention mask, as SigLIP was
+    trained; the bootstrap and the evaluation's clip_score both tokenize through here."""
+    rows = [tokenizer.encode(t, add_special_tokens=False)[: length - 1] + [eos_id] for t in texts]
+    return torch.tensor([r + [pad_id] * (length - len(r)) for r in rows], dtype=torch.long)

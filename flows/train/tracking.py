@@ -40,6 +40,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of MLflow experiment `name`, created on first use."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
 class Tracker:
     """An MLflow run for one stage; tags `stage` and `git_commit` are added to the caller's."""
 
@@ -48,8 +54,7 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
-            exp = self.client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+            exp_id = experiment_id(self.client, cfg.experiment)
             all_tags = {"stage": cfg.stage, "git_commit": git_commit(), **tags,
                         "mlflow.runName": f"stage-{cfg.stage}"}
             if parent_run_id:
