@@ -103,9 +103,14 @@ def save_pretrained(model: JanusFlow, processor: JanusFlowProcessor, path: str |
             stale.unlink()
     model.vae.save_pretrained(str(path / "vae"))
     processor.save_pretrained(path)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-    _atomic_write(path / "config.json", json.dumps(meta, indent=2))
+    write_config(model.config, path)
     return path
+
+
+def write_config(config: JanusFlowConfig, path: str | Path) -> None:
+    """config.json of a model directory (also written into export directories)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}
+    _atomic_write(Path(path) / "config.json", json.dumps(meta, indent=2))
 
 
 def read_config(path: str | Path) -> JanusFlowConfig:

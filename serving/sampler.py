@@ -1,0 +1,177 @@
+"""The batched sampler behind `janusflow serve`, `generate` and `ask`, over any backend.
+
+Text to image: requests are grouped by step count and cut into batch buckets (a bucket is padded
+with copies of its last row, so engines only ever see the bucket sizes they were built for). Each
+prompt's key/value prefix is computed once and reused for every step; the unconditional CFG rows
+share one BOS-only prefix computed when the sampler is built; every row carries its own positions,
+guidance and seeded noise, so an image never depends on what it was batched with. A row whose
+latents turn non-finite fails alone (`NonFiniteOutput`); the rest of its batch is returned.
+
+Understanding: one prefill over image + question, then greedy decoding with the key/value cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models import flow
+from models.checkpoint import read_config
+from models.processor import JanusFlowProcessor, tensor_to_pil
+from serving.graphs import image_index
+
+DEFAULT_BUCKETS = (1, 2, 4, 8)
+
+
+class NonFiniteOutput(RuntimeError):
+    """A request's latents or image became NaN/Inf (reported to that request only)."""
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    seed: int = 0
+    guidance: float = 2.0
+    steps: int = 30
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image | None
+    error: str | None = None
+    batch_size: int = 0   # the bucket the row ran in (observability: did batching happen)
+
+
+@dataclass
+class Sampler:
+    backend: object
+    processor: JanusFlowProcessor
+    config: object
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    _uncond: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, backend, **kw) -> "Sampler":
+        config = read_config(export_dir)
+        return cls(backend, JanusFlowProcessor.from_pretrained(export_dir, config), config, **kw)
+
+    @classmethod
+    def from_model(cls, model, processor, backend, **kw) -> "Sampler":
+        return cls(backend, processor, model.config, **kw)
+
+    def __post_init__(self):
+        self.buckets = tuple(sorted(set(int(b) for b in self.buckets)))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), self.max_batch)
+
+    # -- text to image ------------------------------------------------------------------------------
+    def unconditional_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (L, 1, H, 1, hd) of the BOS-only prompt, computed once."""
+        if self._uncond is None:
+            ids = torch.tensor([[self.processor.bos_id]])
+            self._uncond = self.backend.run("prefix", input_ids=ids, attention_mask=torch.ones_like(ids))
+        return self._uncond
+
+    def generate(self, requests: list[ImageRequest]) -> list[ImageResult]:
+        """Images for `requests`, in order; batches by step count and bucket."""
+        results: list[ImageResult | None] = [None] * len(requests)
+        by_steps: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_steps.setdefault(int(r.steps), []).append(i)
+        for steps, idx in by_steps.items():
+            for start in range(0, len(idx), self.max_batch):
+                chunk = idx[start:start + self.max_batch]
+                for i, res in zip(chunk, self._generate_bucket([requests[i] for i in chunk], steps)):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def latents(self, requests: list[ImageRequest], steps: int) -> torch.Tensor:
+        """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding)."""
+        cfg = self.config
+        b = len(requests)
+        enc = self.processor.encode_prompts([r.prompt for r in requests])
+        keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        uk, uv = self.unconditional_prefix()
+        p = keys.shape[3]
+        pad = (0, 0, 0, p - 1)  # the BOS-only prefix, zero-padded to P and masked past BOS
+        keys = torch.cat([keys, torch.nn.functional.pad(uk, pad).expand(-1, b, -1, -1, -1)], dim=1)
+        values = torch.cat([values, torch.nn.functional.pad(uv, pad).expand(-1, b, -1, -1, -1)], dim=1)
+        uncond_mask = torch.zeros_like(enc.attention_mask)
+        uncond_mask[:, 0] = 1
+        mask = torch.cat([enc.attention_mask, uncond_mask])
+        lengths = torch.cat([enc.lengths, enc.lengths])  # the release's positions for uncond rows
+        guidance = torch.tensor([float(r.guidance) for r in requests])
+        shape = (b, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
+        z = flow.initial_noise(shape, [int(r.seed) for r in requests])
+        dt = 1.0 / steps
+        for t in flow.timesteps(steps):
+            t_B = torch.full((2 * b,), t)
+            (v,) = self.backend.run("velocity", z_t=torch.cat([z, z]), t=t_B, keys=keys, values=values,
+                                    prefix_mask=mask, lengths=lengths)
+            z = flow.euler_step(z, flow.cfg_combine(*v.float().chunk(2), guidance), dt)
+        return z
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        (images,) = self.backend.run("vae_decoder", latents=latents)
+        return images
+
+    def _generate_bucket(self, requests: list[ImageRequest], steps: int) -> list[ImageResult]:
+        n, size = len(requests), self.bucket(len(requests))
+        padded = requests + [requests[-1]] * (size - n)
+        z = self.latents(padded, steps)
+        images = self.decode(z)
+        out = []
+        for i in range(n):
+            if not (torch.isfinite(z[i]).all() and torch.isfinite(images[i]).all()):
+                out.append(ImageResult(None, "non-finite latents: the model produced NaN/Inf", size))
+                continue
+            out.append(ImageResult(tensor_to_pil(images[i]), None, size))
+        return out
+
+    # -- understanding ------------------------------------------------------------------------------
+    def answer(self, images: list[Image.Image], questions: list[str], *, max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers, one per (image, question)."""
+        out: list[str] = []
+        for start in range(0, len(images), self.max_batch):
+            out += self._answer_bucket(images[start:start + self.max_batch],
+                                       questions[start:start + self.max_batch], max_new_tokens)
+        return out
+
+    def _answer_bucket(self, images, questions, max_new_tokens: int) -> list[str]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        n, size = len(images), self.bucket(len(images))
+        images = list(images) + [images[-1]] * (size - n)
+        questions = list(questions) + [questions[-1]] * (size - n)
+        batch = self.processor.encode_understanding(images, questions)
+        (embeds,) = self.backend.run("vision", pixel_values=batch.pixel_values)
+        logits, keys, values = self.backend.run(
+            "und_prefill", input_ids=batch.input_ids, image_index=image_index(batch.image_mask),
+            image_embeds=embeds, attention_mask=batch.attention_mask, last=batch.lengths - 1)
+        mask, eos = batch.attention_mask, self.processor.eos_id
+        done = torch.zeros(size, dtype=torch.bool)
+        tokens: list[list[int]] = [[] for _ in range(size)]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for i in range(size):
+                if not done[i] and int(token[i]) != eos:
+                    tokens[i].append(int(token[i]))
+            done |= token == eos
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(size, 1)], dim=1)
+            logits, keys, values = self.backend.run(
+                "decode_step", input_ids=token.view(-1, 1), keys=keys, values=values, attention_mask=mask,
+                position_ids=(batch.lengths + step).view(-1, 1))
+        return [self.processor.decode(t) for t in tokens[:n]]
+
