@@ -65,36 +65,6 @@ def cmd_convert(args) -> None:
           f"of the SigLIP attention-pooling head; REPA head initialised fresh")
 
 
-def cmd_generate(args) -> None:
-    from models.pipeline import JanusFlowPipeline
-
-    pipe = JanusFlowPipeline.from_pretrained(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = [args.prompt] * args.n
-    start = time.perf_counter()
-    images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, progress=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:03d}.png")
-    print(f"wrote {len(images)} image(s) to {out} in {time.perf_counter() - start:.1f}s")
-
-
-def cmd_ask(args) -> None:
-    from PIL import Image
-
-    from models.pipeline import JanusFlowPipeline
-
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--image {args.image}: not a readable image ({exc})") from None
-    pipe = JanusFlowPipeline.from_pretrained(args.model)
-    print(pipe.answer(image, args.question, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p))
-
-
 def cmd_demo(args) -> None:
     from flows.demo import run_demo
 
@@ -105,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli_data import add_data_commands
     from flows.cli_eval import add_eval_commands
     from flows.cli_registry import add_registry_commands
+    from flows.cli_serve import add_serve_commands
     from flows.cli_train import add_train_command
     from models.config import PRESETS
 
@@ -130,29 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="DST")
     convert.set_defaults(func=cmd_convert)
 
-    gen = sub.add_parser("generate", help="text to image with the reference sampler")
-    gen.add_argument("--model", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", required=True)
-    gen.add_argument("--n", type=int, default=1)
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=2.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(func=cmd_generate)
-
-    ask = sub.add_parser("ask", help="answer a question about an image")
-    ask.add_argument("--model", required=True)
-    ask.add_argument("--image", required=True)
-    ask.add_argument("--question", required=True)
-    ask.add_argument("--max-new-tokens", type=int, default=64)
-    ask.add_argument("--temperature", type=float, default=0.0)
-    ask.add_argument("--top-p", type=float, default=None)
-    ask.set_defaults(func=cmd_ask)
-
     add_data_commands(sub)
     add_train_command(sub)
     add_eval_commands(sub)
     add_registry_commands(sub)
+    add_serve_commands(sub)
 
     demo = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,128 @@
+"""`janusflow export | generate | ask | serve`: shipping and serving a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from serving.backends import BACKENDS
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"buckets must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"buckets must be positive, got {text!r}")
+    return values
+
+
+def cmd_export(args) -> None:
+    from flows.registry import model_hash
+    from models.checkpoint import from_pretrained
+    from serving.export import export
+    from serving.load import model_dir
+
+    src = model_dir(args.model)
+    model, processor = from_pretrained(src)
+    start = time.perf_counter()
+    manifest = export(model, processor, args.out, graphs=args.graphs, source=str(args.model),
+                      source_hash=model_hash(src))
+    worst = max(e["max_abs_diff"] for e in manifest["graphs"].values())
+    print(f"exported {len(manifest['graphs'])} graph(s) to {args.out} in {time.perf_counter() - start:.0f}s; "
+          f"onnxruntime vs PyTorch max |diff| {worst:.1e}")
+    if args.engine:
+        from serving.tensorrt import build_engines
+
+        index = build_engines(args.out, buckets=list(args.buckets), precision=args.precision)
+        print(f"TensorRT {index['tensorrt']} engines for {index['gpu']} in {Path(args.out) / 'engines'}")
+
+
+def cmd_generate(args) -> None:
+    from serving.load import load_sampler
+    from serving.sampler import ImageRequest
+
+    sampler = load_sampler(args.model, backend=args.backend)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    requests = [ImageRequest(args.prompt, seed=args.seed + i, guidance=args.guidance, steps=args.steps)
+                for i in range(args.n)]
+    start = time.perf_counter()
+    results = sampler.generate(requests)
+    written = 0
+    for i, r in enumerate(results):
+        if r.image is None:
+            print(f"image {i}: {r.error}")
+            continue
+        r.image.save(out / f"{i:03d}.png")
+        written += 1
+    print(f"wrote {written} image(s) to {out} in {time.perf_counter() - start:.1f}s ({args.backend})")
+
+
+def cmd_ask(args) -> None:
+    from PIL import Image
+
+    from serving.load import load_sampler
+
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--image {args.image}: not a readable image ({exc})") from None
+    sampler = load_sampler(args.model, backend=args.backend)
+    print(sampler.answer([image], [args.question], max_new_tokens=args.max_new_tokens)[0])
+
+
+def cmd_serve(args) -> None:
+    from serving.service import ServiceConfig, serve
+
+    serve(ServiceConfig(model=args.model, backend=args.backend, buckets=args.buckets,
+                        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                        timeout_s=args.timeout), host=args.host, port=args.port)
+
+
+def add_serve_commands(sub) -> None:
+    exp = sub.add_parser("export", help="ONNX graphs (+ TensorRT engines) of a model, parity-checked")
+    exp.add_argument("--model", required=True, help="model directory or models:/janusflow@champion")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--graphs", nargs="+", default=None, help="subset of graphs (default all)")
+    exp.add_argument("--engine", action="store_true", help="also build TensorRT engines (GPU hosts)")
+    exp.add_argument("--buckets", type=_buckets, default=(1, 2, 4, 8), help="batch buckets, e.g. 1,2,4,8")
+    exp.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    exp.set_defaults(func=cmd_export)
+
+    source = dict(required=True, help="model directory, models:/ URI, or an export directory")
+    backend = dict(choices=list(BACKENDS), default="torch",
+                   help="torch needs weights; onnxruntime/tensorrt an export directory")
+    gen = sub.add_parser("generate", help="text to image with the serving sampler")
+    gen.add_argument("--model", **source)
+    gen.add_argument("--backend", **backend)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--guidance", type=float, default=2.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    ask = sub.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("--model", **source)
+    ask.add_argument("--backend", **backend)
+    ask.add_argument("--image", required=True)
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.set_defaults(func=cmd_ask)
+
+    serve = sub.add_parser("serve", help="the HTTP inference service (OpenAI-style images + chat)")
+    serve.add_argument("--model", **source)
+    serve.add_argument("--backend", **backend)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--buckets", type=_buckets, default=(1, 2, 4, 8))
+    serve.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
+    serve.add_argument("--queue-size", type=int, default=64, help="queued requests before 429")
+    serve.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    serve.set_defaults(func=cmd_serve)
+

@@ -1,0 +1,152 @@
+"""`janusflow serve`: the HTTP inference service (FastAPI + uvicorn) over the batched sampler.
+
+    POST /v1/images/generations   text to image, OpenAI images API shape (b64_json)
+    POST /v1/chat/completions     image understanding, OpenAI chat shape (image as a data URL)
+    GET  /healthz                 the process is up
+    GET  /readyz                  200 only after every batch bucket has been warmed
+    GET  /metrics                 Prometheus text format
+
+Bad input gets a 4xx with a one-line message naming the field (serving/api.py); a full queue a 429
+with Retry-After; a slow request a 504 after its timeout. On SIGINT/SIGTERM uvicorn stops accepting
+and the batcher finishes every queued and running request before the process exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.api import ApiError, Limits, chat_request, images_request, parse_json
+from serving.batcher import Batcher
+from serving.sampler import DEFAULT_BUCKETS, ImageRequest, Sampler
+
+
+@dataclass
+class ServiceConfig:
+    model: str
+    backend: str = "torch"
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    max_wait_ms: float = 20.0
+    queue_size: int = 64
+    timeout_s: float = 120.0
+    warm_steps: int = 2
+
+
+def warm_up(sampler: Sampler, steps: int = 2) -> None:
+    """Run every bucket once for both paths (engines/compiled graphs specialise per batch size)."""
+    blank = Image.new("RGB", (8, 8), (255, 255, 255))
+    for b in sampler.buckets:
+        sampler.generate([ImageRequest("warm-up", seed=i, steps=steps) for i in range(b)])
+        sampler.answer([blank] * b, ["warm-up"] * b, max_new_tokens=2)
+
+
+def create_app(sampler: Sampler, config: ServiceConfig, *, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits(image_size=sampler.config.gen.image_size, max_n=max(8, sampler.max_batch))
+    batcher = Batcher(sampler, max_wait_s=config.max_wait_ms / 1000, queue_size=config.queue_size)
+    metrics = batcher.metrics
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        await batcher.call(warm_up, sampler, config.warm_steps)
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.close()
+
+    app = FastAPI(title="janusflow", version="1", lifespan=lifespan)
+    app.state.batcher, app.state.limits = batcher, limits
+
+    def reply(endpoint: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def handle(endpoint: str, request: Request, work) -> JSONResponse:
+        start = time.perf_counter()
+        try:
+            body = parse_json(await request.body(), request.headers.get("content-type"), limits)
+            result = await work(body)
+            return reply(endpoint, 200, result)
+        except ApiError as exc:
+            if exc.status < 500 and exc.status not in (429, 503):
+                metrics.errors.labels("invalid_request").inc()
+            return reply(endpoint, exc.status, exc.body(), exc.headers)
+        finally:
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def generate_images(body: dict) -> dict:
+        req = images_request(body, limits)
+        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+        rows = [ImageRequest(req.prompt, seed=seed + i, guidance=float(req.guidance_scale),
+                             steps=req.num_inference_steps) for i in range(req.n)]
+        results = await batcher.submit("image", ("image", req.num_inference_steps), rows, config.timeout_s)
+        failed = [r.error for r in results if r.image is None]
+        if failed:
+            metrics.errors.labels("non_finite").inc()
+            raise ApiError(500, f"{len(failed)} of {req.n} image(s) failed: {failed[0]}")
+        data = []
+        for row, r in zip(rows, results):
+            buf = io.BytesIO()
+            r.image.save(buf, format="PNG")
+            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "revised_prompt": req.prompt,
+                         "seed": row.seed, "batch_size": r.batch_size})
+        return {"created": int(time.time()), "data": data}
+
+    async def chat(body: dict) -> dict:
+        image, question, max_tokens = chat_request(body, limits)
+        (answer,) = await batcher.submit("chat", ("chat", max_tokens), [(image, question, max_tokens)],
+                                         config.timeout_s)
+        prompt_tokens = len(sampler.processor.encode(question))
+        completion_tokens = len(sampler.processor.encode(answer, bos=False))
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.get("model") or "janusflow",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/images/generations")
+    async def images_endpoint(request: Request):
+        return await handle("images", request, generate_images)
+
+    @app.post("/v1/chat/completions")
+    async def chat_endpoint(request: Request):
+        return await handle("chat", request, chat)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return {"status": "ready", "buckets": list(sampler.buckets), "backend": sampler.backend.name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    from serving.load import load_sampler
+
+    sampler = load_sampler(config.model, backend=config.backend, buckets=config.buckets)
+    app = create_app(sampler, config)
+    print(f"janusflow serve: {config.model} ({config.backend}) on http://{host}:{port} "
+          f"(buckets {list(sampler.buckets)}; ready after warm-up: GET /readyz)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=config.timeout_s)

@@ -1,0 +1,170 @@
+"""ONNX export with parity checks, the backends and the batched sampler against the reference sampler,
+and the TensorRT path against the stand-in module (tests/fake_tensorrt.py): TensorRT itself cannot be
+installed on these machines."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize_
+from models.pipeline import JanusFlowPipeline
+from serving.backends import OnnxRuntimeBackend, TorchBackend, load_backend
+from serving.export import PARITY_ATOL, ExportError, check_parity, export, read_manifest, sha256
+from serving.graphs import GRAPHS
+from serving.sampler import ImageRequest, Sampler
+
+PROMPTS = ["a red circle", "two blue squares left of a green triangle", "a square"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = JanusFlowPipeline.from_config("tiny", seed=0)
+    randomize_(p.model, seed=3)  # non-trivial adapters, so every graph's output depends on them
+    return p
+
+
+@pytest.fixture(scope="module")
+def exported(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    manifest = export(pipe.model, pipe.processor, out, source="test", progress=False)
+    return out, manifest
+
+
+def _requests(guidance=3.0, steps=4):
+    return [ImageRequest(p, seed=11 + i, guidance=guidance, steps=steps) for i, p in enumerate(PROMPTS)]
+
+
+def _reference(pipe, guidance=3.0, steps=4):
+    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, seed=[11, 12, 13], output_type="pt")
+
+
+def _images():
+    return [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+            for i in range(3)]
+
+
+def test_manifest_lists_every_graph_with_parity_and_hashes(exported):
+    out, manifest = exported
+    assert set(manifest["graphs"]) == set(GRAPHS)
+    assert manifest["precision"] == "fp32" and manifest["opset"] >= 17
+    for name, entry in manifest["graphs"].items():
+        assert entry["max_abs_diff"] <= PARITY_ATOL
+        assert entry["sha256"] == sha256(out / entry["file"])
+        assert entry["inputs"] and entry["outputs"]
+    velocity = {i["name"]: i["shape"] for i in manifest["graphs"]["velocity"]["inputs"]}
+    assert velocity["z_t"][0] == "batch" and velocity["keys"][3] == "prefix"  # dynamic dims
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_parity_check_catches_a_graph_that_does_not_match(pipe, exported, tmp_path):
+    out, _ = exported
+    other = JanusFlowPipeline.from_config("tiny", seed=5).model  # different weights, same shapes
+    randomize_(other, seed=9)
+    with pytest.raises(ExportError, match="velocity: onnxruntime differs"):
+        check_parity(other, "velocity", out / "velocity.onnx")
+
+
+def test_missing_graph_file_is_a_clear_error(exported, tmp_path):
+    out, manifest = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="graph 'prefix' is missing"):
+        read_manifest(broken)
+    with pytest.raises(FileNotFoundError, match="not an export directory"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "tensorrt"])
+def test_every_backend_gives_the_reference_images_and_answers(pipe, exported, backend, monkeypatch):
+    out, _ = exported
+    if backend == "tensorrt":
+        monkeypatch.syspath_prepend(os.path.dirname(__file__))
+        monkeypatch.setenv("JANUSFLOW_TENSORRT_MODULE", "fake_tensorrt")
+        from serving.tensorrt import build_engines
+
+        build_engines(out, buckets=[1, 2, 4], progress=False)
+    runner = load_backend(backend, model=pipe.model, export_dir=out)
+    sampler = Sampler.from_model(pipe.model, pipe.processor, runner, buckets=(1, 2, 4))
+    reqs = _requests()
+    got = sampler.decode(sampler.latents(reqs + reqs[-1:], 4))[:3]  # engines run bucket sizes only
+    assert float((got - _reference(pipe)).abs().max()) < 1e-4
+    results = sampler.generate(reqs)
+    assert [r.batch_size for r in results] == [4, 4, 4]  # 3 rows run in the 4-bucket
+    want = _reference(pipe)
+    for r, w in zip(results, want):
+        assert np.abs(np.asarray(r.image, dtype=np.float32) / 127.5 - 1 - w.permute(1, 2, 0).numpy()).max() <= 1.5 / 127.5
+    questions = ["what is it?", "how many?", "colour of the square?"]
+    assert sampler.answer(_images(), questions, max_new_tokens=5) == pipe.answer(_images(), questions,
+                                                                              max_new_tokens=5)
+
+
+def test_rows_do_not_depend_on_their_batch(pipe):
+    sampler = Sampler.from_model(pipe.model, pipe.processor, TorchBackend(pipe.model))
+    mixed = [ImageRequest("a red circle", seed=1, guidance=5.0, steps=3),
+             ImageRequest("a blue square", seed=2, guidance=1.5, steps=3)]
+    both = sampler.latents(mixed, 3)
+    alone = sampler.latents(mixed[1:], 3)
+    assert float((both[1] - alone[0]).abs().max()) < 1e-5
+    ref = pipe(["a blue square"], num_inference_steps=3, guidance_scale=1.5, seed=[2], output_type="latent")
+    assert float((alone - ref).abs().max()) < 1e-5  # per-row guidance matches a batch of its own
+
+
+def test_steps_group_and_non_finite_rows_fail_alone(pipe):
+    sampler = Sampler.from_model(pipe.model, pipe.processor, TorchBackend(pipe.model), buckets=(1, 2))
+    reqs = [ImageRequest("a", seed=1, steps=2), ImageRequest("b", seed=2, steps=3), ImageRequest("c", seed=3, steps=2)]
+    results = sampler.generate(reqs)
+    assert all(r.image is not None for r in results) and [r.batch_size for r in results] == [2, 1, 2]
+
+    class Poisoned(TorchBackend):
+        def run(self, graph, **inputs):
+            out = super().run(graph, **inputs)
+            if graph == "velocity":
+                out[0][1] = float("nan")  # the second conditional row goes bad
+            return out
+
+    bad = Sampler.from_model(pipe.model, pipe.processor, Poisoned(pipe.model), buckets=(2,))
+    first, second = bad.generate([reqs[0], ImageRequest("d", seed=4, steps=2)])
+    assert first.image is not None and second.image is None and "non-finite" in second.error
+
+
+def test_tensorrt_engine_cache_and_mismatch(exported, monkeypatch):
+    out, _ = exported
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    monkeypatch.setenv("JANUSFLOW_TENSORRT_MODULE", "fake_tensorrt")
+    import fake_tensorrt
+
+    from serving.tensorrt import EngineMismatch, TensorRTBackend, build_engines
+
+    index = build_engines(out, buckets=[2], progress=False)
+    built = fake_tensorrt.Builder.builds
+    again = build_engines(out, buckets=[2], progress=False)
+    assert fake_tensorrt.Builder.builds == built and again["engines"] == index["engines"]  # cache hit
+    assert (out / "engines" / "timing.cache").is_file()
+    meta = json.loads((out / index["engines"]["prefix"]).with_suffix(".json").read_text())
+    assert meta["batches"] == [1, 2]  # bucket 2 plus the BOS-only unconditional row
+    runner = TensorRTBackend(out)
+    with pytest.raises(ValueError, match="no TensorRT profile of 'vae_decoder' for batch 3"):
+        runner.run("vae_decoder", latents=torch.zeros(3, 4, 8, 8))
+    vel = json.loads((out / index["engines"]["velocity"]).with_suffix(".json").read_text())
+    assert vel["batches"] == [4]  # the CFG-doubled rows
+    path = (out / index["engines"]["vision"]).with_suffix(".json")
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}))
+    with pytest.raises(EngineMismatch, match="gpu 'NVIDIA H100 80GB HBM3'"):
+        TensorRTBackend(out)
+    path.write_text(json.dumps(meta))
+
+
+def test_backend_errors_name_the_fix(pipe, exported):
+    with pytest.raises(ValueError, match="needs an export directory"):
+        load_backend("onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend("tflite", export_dir=exported[0])
+    with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
+        OnnxRuntimeBackend(exported[0], providers=["CUDAExecutionProvider"])
