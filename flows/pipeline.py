@@ -1,10 +1,11 @@
-"""Prefect flows: `train-all` (the whole pipeline), `evaluate`, `promote`.
+"""Prefect flows: `train-all` (the whole pipeline), `evaluate`, `promote`, `export`.
 
 Each pipeline step is a task that calls `dvc repro <stage>`, so DVC decides what is stale (an
 unchanged stage is skipped, by DVC and therefore by the flow) and the same stages run by hand with
 `dvc repro`. After the gate, the evaluated model is registered in MLflow as `challenger` and promoted
-to `champion` by the registry's rules; a model that failed its gates stops the flow there, so
-nothing after it (the smoke test, export) runs and the champion is unchanged.
+to `champion` by the registry's rules, exported to ONNX (`dvc repro export`) and served over HTTP
+once as a smoke test; a model that failed its gates stops the flow there, so nothing after it (export,
+the smoke tests) runs and the champion is unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STAGES = ("data", "bootstrap", "stage1", "stage2", "stage3")
 EVAL_DIR = Path("runs/shapes/eval")
+EXPORT_DIR = Path("runs/shapes/export")
 
 
 class GateFailed(RuntimeError):
@@ -122,6 +124,19 @@ def smoke_task(out: str, root: str = str(ROOT)) -> dict:
     return champion_showcase(Path(out))
 
 
+@task(name="serving-smoke-test")
+def serve_smoke_task(out: str, root: str = str(ROOT)) -> dict:
+    """Serve the export with onnxruntime over HTTP: one image, one answer (serving/service.py)."""
+    from serving.service import smoke_test
+
+    result = smoke_test(Path(root) / EXPORT_DIR, out)
+    create_markdown_artifact(key="serving-smoke-test", markdown=(
+        f"# Serving smoke test ({result['backend']})\n\n- image for '{result['prompt']}' in "
+        f"{result['image_seconds']} s\n- '{result['question']}' -> '{result['answer']}' "
+        f"in {result['chat_seconds']} s\n"))
+    return result
+
+
 def parent_run(root: Path) -> str:
     """The pipeline's MLflow run; every stage's run nests under it (JANUSFLOW_PARENT_RUN_ID)."""
     from mlflow.tracking import MlflowClient
@@ -147,7 +162,7 @@ def end_run(root: Path, run_id: str, status: str) -> None:
 
 @flow(name="train-all", log_prints=True)
 def train_all(root: str = str(ROOT), showcase: str = "runs/demo") -> dict:
-    """data -> bootstrap -> stage 1-3 -> evaluate -> gate -> registry -> champion smoke test."""
+    """data -> bootstrap -> stage 1-3 -> evaluate -> gate -> registry -> export -> smoke tests."""
     run_id = parent_run(Path(root))
     try:
         summary = _train_all(root, showcase)
@@ -171,7 +186,9 @@ def _train_all(root: str, showcase: str) -> dict:
         failed = [c["metric"] for c in gate["checks"] if not c["passed"]]
         raise GateFailed(f"gate failed on {', '.join(failed)}: version {decision['version']} "
                            f"stays challenger, champion unchanged, nothing exported")
+    summary["export"] = stage_task("export", root)
     summary["showcase"] = smoke_task(str(Path(root) / showcase), root)
+    summary["serving"] = serve_smoke_task(str(Path(root) / showcase), root)
     return summary
 
 
@@ -181,6 +198,28 @@ def evaluate_flow(root: str = str(ROOT)) -> dict:
     out = report_task(root)
     out["gate"] = gate_task(root)["passed"]
     return out
+
+
+@flow(name="export", log_prints=True)
+def export_flow(model: str = "models:/janusflow@champion", out: str = "runs/champion-export",
+                engine: bool = False, root: str = str(ROOT)) -> dict:
+    """Export a model (default: the registry's champion) to ONNX, parity-checked; with engine=True
+    also TensorRT engines (GPU hosts)."""
+    from flows.registry import model_hash
+    from models.checkpoint import from_pretrained
+    from serving.export import export
+    from serving.load import model_dir
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", _env(Path(root))["MLFLOW_TRACKING_URI"])
+    src = model_dir(model)
+    loaded, processor = from_pretrained(src)
+    target = Path(root) / out
+    manifest = export(loaded, processor, target, source=model, source_hash=model_hash(src), progress=False)
+    if engine:
+        from serving.tensorrt import build_engines
+
+        manifest["engines"] = build_engines(target, buckets=[1, 2, 4, 8], progress=False)
+    return {"out": str(target), "graphs": {k: v["max_abs_diff"] for k, v in manifest["graphs"].items()}}
 
 
 @flow(name="promote", log_prints=True)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -150,3 +153,72 @@ def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -
     print(f"janusflow serve: {config.model} ({config.backend}) on http://{host}:{port} "
           f"(buckets {list(sampler.buckets)}; ready after warm-up: GET /readyz)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=config.timeout_s)
+
+
+class BackgroundServer:
+    """The service on a free local port in a background thread (smoke tests, the tests, benchmarks):
+    `with BackgroundServer(app) as s: httpx.get(s.url + "/readyz")`. Entering waits for /readyz."""
+
+    def __init__(self, app, *, ready_timeout_s: float = 300.0):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_timeout_s = ready_timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    timeout_graceful_shutdown=60))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="janusflow-serve")
+
+    def __enter__(self) -> "BackgroundServer":
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline and self.thread.is_alive():
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"the service on {self.url} did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def smoke_test(export_dir: str | Path, out: str | Path, *, prompt: str = "a red circle",
+               question: str = "How many objects are there?", backend: str = "onnxruntime") -> dict:
+    """Serve an export over HTTP, generate one image and answer one question about it through the
+    real endpoints; writes serving-image.png and serving.json into `out`."""
+    import httpx
+
+    from serving.load import load_sampler
+
+    sampler = load_sampler(export_dir, backend=backend, buckets=(1, 2))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with BackgroundServer(create_app(sampler, ServiceConfig(model=str(export_dir), backend=backend))) as s:
+        start = time.perf_counter()
+        r = httpx.post(s.url + "/v1/images/generations", timeout=300,
+                       json={"prompt": prompt, "seed": 0, "num_inference_steps": 30, "guidance_scale": 3.0})
+        r.raise_for_status()
+        image_s = time.perf_counter() - start
+        png = base64.b64decode(r.json()["data"][0]["b64_json"])
+        (out / "serving-image.png").write_bytes(png)
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        start = time.perf_counter()
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=300, json={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]})
+        r.raise_for_status()
+        result = {"backend": backend, "prompt": prompt, "image_seconds": round(image_s, 3), "question": question,
+                  "answer": r.json()["choices"][0]["message"]["content"],
+                  "chat_seconds": round(time.perf_counter() - start, 3), "url": s.url}
+    (out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -50,7 +50,7 @@ def tiny_repo(tmp_path_factory):
     """The project's dvc.yaml, flows and code over tiny params and configs, as a git + DVC repo."""
     root = tmp_path_factory.mktemp("repo")
     ignore = shutil.ignore_patterns("__pycache__", "corpora", "metrics")
-    for name in ("models", "flows", "data"):
+    for name in ("models", "flows", "data", "serving"):
         shutil.copytree(REPO / name, root / name, ignore=ignore)
     for name in ("dvc.yaml", "prefect.yaml"):
         shutil.copy(REPO / name, root / name)
@@ -106,21 +106,28 @@ def test_train_all_runs_skips_and_gates(tiny_repo, prefect_server, monkeypatch):
     metrics = json.loads((tiny_repo / "runs/shapes/eval/metrics.json").read_text())
     assert 0.0 <= metrics["geneval_overall"] <= 1.0 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
     assert metrics["fd_fenc"] >= 0.0
+    export = tiny_repo / "runs/shapes/export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert first["export"]["ran"] and max(g["max_abs_diff"] for g in manifest["graphs"].values()) <= 1e-4
+    serving = json.loads((showcase / "serving.json").read_text())  # the export answered over HTTP
+    assert first["serving"]["backend"] == "onnxruntime" and (showcase / "serving-image.png").is_file()
+    assert isinstance(serving["answer"], str)
 
     # nothing changed: DVC skips every stage, the same weights are the same registry version
     again = train_all(root=str(tiny_repo), showcase="runs/demo")
-    assert not any(s["ran"] for s in again["stages"])
+    assert not any(s["ran"] for s in again["stages"]) and not again["export"]["ran"]
     assert again["promotion"]["version"] == version and _champion(tiny_repo) == version
 
     # impossible thresholds: the gate stops the flow, nothing is promoted, no showcase is made
     _write_yaml(tiny_repo / "params.yaml", _params(1.01))
     shutil.rmtree(showcase)
+    shutil.rmtree(export)
     with pytest.raises(RuntimeError, match="gate failed"):
         train_all(root=str(tiny_repo), showcase="runs/demo")
     gate = json.loads((tiny_repo / "runs/shapes/eval/gate.json").read_text())
     assert gate["passed"] is False
     assert _champion(tiny_repo) == version
-    assert not showcase.exists()
+    assert not showcase.exists() and not export.exists()  # export did not run
     _write_yaml(tiny_repo / "params.yaml", _params(0.0))
 
 
