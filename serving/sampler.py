@@ -42,7 +42,8 @@ class ImageRequest:
 class ImageResult:
     image: Image.Image | None
     error: str | None = None
-    batch_size: int = 0   # the bucket the row ran in (observability: did batching happen)
+    batch_size: int = 0   # real rows in the batch the row ran in (observability: did batching happen)
+    bucket: int = 0       # the batch size the graphs ran at (batch_size padded up to a bucket)
 
 
 @dataclass
@@ -133,9 +134,9 @@ class Sampler:
         out = []
         for i in range(n):
             if not (torch.isfinite(z[i]).all() and torch.isfinite(images[i]).all()):
-                out.append(ImageResult(None, "non-finite latents: the model produced NaN/Inf", size))
+                out.append(ImageResult(None, "non-finite latents: the model produced NaN/Inf", n, size))
                 continue
-            out.append(ImageResult(tensor_to_pil(images[i]), None, size))
+            out.append(ImageResult(tensor_to_pil(images[i]), None, n, size))
         return out
 
     # -- understanding ------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def create_app(sampler: Sampler, config: ServiceConfig, *, limits: Limits | None
             buf = io.BytesIO()
             r.image.save(buf, format="PNG")
             data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "revised_prompt": req.prompt,
-                         "seed": row.seed, "batch_size": r.batch_size})
+                         "seed": row.seed, "batch_size": r.batch_size, "bucket": r.bucket})
         return {"created": int(time.time()), "data": data}
 
     async def chat(body: dict) -> dict:

@@ -1,0 +1,175 @@
+"""Text-to-image sampler speed: the official demo's loop vs our batched sampler on each backend.
+
+    python benchmarks/sampler.py --preset shapes                       # CPU: official, torch, onnxruntime
+    python benchmarks/sampler.py --preset janusflow-1.3b --device cuda --dtype bf16 --backends official torch
+
+One process, the same random weights, prompts, steps, CFG and batch for every variant:
+- official: recomputes the prompt prefix at every Euler step, eager (what demo/app_janusflow.py does);
+- torch / torch-compile: serving/sampler.py over the PyTorch graphs (prefix once, shared BOS prefix);
+- onnxruntime: the same sampler over graphs exported to a temporary directory.
+Each variant includes VAE decoding. Reports images/s, per-batch latency p50/p95 and peak memory
+(GPU: torch's peak allocation; CPU: the process's peak RSS above its level before the variant), as
+JSON and a markdown table under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from models.pipeline import JanusFlowPipeline
+from models.sampler import sample_latents
+from serving.backends import OnnxRuntimeBackend, TorchBackend
+from serving.sampler import ImageRequest, Sampler
+
+BASE = ("a detailed photograph of a small red circle to the left of a large blue square, "
+        "with a green triangle above them on a light grey background, soft shadows")
+VARIANTS = ("official", "torch", "torch-compile", "onnxruntime")
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or process RSS sampled every 5 ms on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.proc = psutil.Process()
+            self.base = self.peak = self.proc.memory_info().rss
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.mib = (self.peak - self.base) / 2**20
+
+
+def official(pipe, prompts, seeds, steps, guidance, dtype):
+    enc = pipe.processor.encode_prompts(prompts)
+    z = sample_latents(pipe.model, pipe.processor, enc, num_inference_steps=steps, guidance_scale=guidance,
+                       seeds=seeds, use_cache=False, dtype=dtype)
+    return pipe.model.decode_latents(z)
+
+
+def ours(sampler: Sampler, prompts, seeds, steps, guidance):
+    requests = [ImageRequest(p, seed=s, guidance=guidance, steps=steps) for p, s in zip(prompts, seeds)]
+    return sampler.decode(sampler.latents(requests, steps))
+
+
+def run(args) -> dict:
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    pipe = JanusFlowPipeline.from_config(args.preset, seed=0)
+    pipe.model.to(device=args.device, dtype=dtype).eval()
+    prompts = [BASE[: len(BASE) - 7 * i] for i in range(args.batch)]
+    seeds = list(range(args.batch))
+    tmp = None
+    calls = {}
+    for name in args.backends:
+        if name == "official":
+            calls[name] = lambda: official(pipe, prompts, seeds, args.steps, args.guidance, dtype)
+        elif name in ("torch", "torch-compile"):
+            s = Sampler.from_model(pipe.model, pipe.processor, TorchBackend(pipe.model, compile=name != "torch"))
+            calls[name] = lambda s=s: ours(s, prompts, seeds, args.steps, args.guidance)
+        elif name == "onnxruntime":
+            from serving.export import export
+
+            tmp = tempfile.TemporaryDirectory()
+            export(pipe.model.float(), pipe.processor, Path(tmp.name) / "export", progress=False,
+                   graphs=["prefix", "velocity", "vae_decoder"])
+            pipe.model.to(dtype=dtype)
+            s = Sampler.from_export(Path(tmp.name) / "export", OnnxRuntimeBackend(Path(tmp.name) / "export"))
+            calls[name] = lambda s=s: ours(s, prompts, seeds, args.steps, args.guidance)
+        else:
+            raise SystemExit(f"unknown variant {name}: choose from {', '.join(VARIANTS)}")
+    results, images = {}, {}
+    for name, call in calls.items():
+        with torch.inference_mode():
+            call()  # warm-up (and compilation)
+            times = []
+            with PeakMemory(args.device) as mem:
+                for _ in range(args.repeats):
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    images[name] = call().float().cpu()
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+        t = np.array(times)
+        results[name] = {"images_per_s": round(args.batch / float(np.median(t)), 3),
+                         "latency_p50_s": round(float(np.percentile(t, 50)), 4),
+                         "latency_p95_s": round(float(np.percentile(t, 95)), 4),
+                         "peak_memory_mib": round(mem.mib, 1)}
+    if "official" in results:
+        base = results["official"]["images_per_s"]
+        for name, r in results.items():
+            r["speedup_vs_official"] = round(r["images_per_s"] / base, 3)
+            r["max_abs_diff_vs_official"] = float((images[name] - images["official"]).abs().max())
+    if tmp is not None:
+        tmp.cleanup()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    return {"preset": args.preset, "device": device, "dtype": args.dtype, "batch": args.batch,
+            "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
+            "date": datetime.date.today().isoformat(), "results": results}
+
+
+def markdown(r: dict) -> str:
+    rows = [f"| {k} | {v['images_per_s']} | {v['latency_p50_s']} | {v['latency_p95_s']} | "
+            f"{v['peak_memory_mib']} | {v.get('speedup_vs_official', '-')} |" for k, v in r["results"].items()]
+    return "\n".join([
+        f"Sampler, preset `{r['preset']}`, {r['device']}, {r['dtype']}, batch {r['batch']}, {r['steps']} steps, "
+        f"CFG {r['guidance']}, {r['date']}", "",
+        "| variant | images/s | p50 s/batch | p95 s/batch | peak MiB | x official |",
+        "| --- | --- | --- | --- | --- | --- |", *rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", nargs="+", default=["official", "torch", "onnxruntime"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sampler_{args.preset}_{args.device.split(':')[0]}_{args.dtype}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
