@@ -76,6 +76,12 @@ def cmd_ask(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if args.ray:
+        from serving.ray_app import run
+
+        run(args.model, backend=args.backend, buckets=args.buckets, replicas=args.replicas, host=args.host,
+            port=args.port, max_wait_ms=args.max_wait_ms)
+        return
     from serving.service import ServiceConfig, serve
 
     serve(ServiceConfig(model=args.model, backend=args.backend, buckets=args.buckets,
@@ -124,5 +130,7 @@ def add_serve_commands(sub) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
     serve.add_argument("--queue-size", type=int, default=64, help="queued requests before 429")
     serve.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (scale-out: one replica per GPU)")
+    serve.add_argument("--replicas", type=int, default=None, help="Ray Serve replicas (default: one per GPU, else 1)")
     serve.set_defaults(func=cmd_serve)
 

@@ -10,6 +10,8 @@ import base64
 import binascii
 import io
 import json
+import time
+import uuid
 from dataclasses import dataclass
 
 from PIL import Image
@@ -175,3 +177,38 @@ def chat_request(data: dict, limits: Limits) -> tuple[Image.Image, str, int]:
     if not 1 <= max_tokens <= limits.max_new_tokens:
         raise ApiError(422, f"max_tokens: must be between 1 and {limits.max_new_tokens}", "max_tokens")
     return decode_image_url(images[0], limits), question, max_tokens
+
+
+# -- responses (shared by the FastAPI service and the Ray Serve deployment) --------------------------
+def image_rows(req: ImagesRequest):
+    """The sampler rows of an images request: n rows with consecutive seeds (random if none given)."""
+    from serving.sampler import ImageRequest
+
+    seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+    return [ImageRequest(req.prompt, seed=seed + i, guidance=float(req.guidance_scale),
+                         steps=req.num_inference_steps) for i in range(req.n)]
+
+
+def images_response(req: ImagesRequest, rows: list, results: list) -> dict:
+    """OpenAI images response; a row that came back non-finite fails the request (500, counted)."""
+    failed = [r.error for r in results if r.image is None]
+    if failed:
+        raise ApiError(500, f"{len(failed)} of {len(rows)} image(s) failed: {failed[0]}")
+    data = []
+    for row, r in zip(rows, results):
+        buf = io.BytesIO()
+        r.image.save(buf, format="PNG")
+        data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "revised_prompt": req.prompt,
+                     "seed": row.seed, "batch_size": r.batch_size, "bucket": r.bucket})
+    return {"created": int(time.time()), "data": data}
+
+
+def chat_response(processor, question: str, answer: str, model: str | None) -> dict:
+    prompt_tokens = len(processor.encode(question))
+    completion_tokens = len(processor.encode(answer, bos=False))
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+            "created": int(time.time()), "model": model or "janusflow",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}

@@ -14,11 +14,9 @@ and the batcher finishes every queued and running request before the process exi
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.api import ApiError, Limits, chat_request, images_request, parse_json
+from serving.api import (ApiError, Limits, chat_request, chat_response, image_rows, images_request,
+                         images_response, parse_json)
 from serving.batcher import Batcher
 from serving.sampler import DEFAULT_BUCKETS, ImageRequest, Sampler
 
@@ -89,34 +88,17 @@ def create_app(sampler: Sampler, config: ServiceConfig, *, limits: Limits | None
 
     async def generate_images(body: dict) -> dict:
         req = images_request(body, limits)
-        seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        rows = [ImageRequest(req.prompt, seed=seed + i, guidance=float(req.guidance_scale),
-                             steps=req.num_inference_steps) for i in range(req.n)]
+        rows = image_rows(req)
         results = await batcher.submit("image", ("image", req.num_inference_steps), rows, config.timeout_s)
-        failed = [r.error for r in results if r.image is None]
-        if failed:
+        if any(r.image is None for r in results):
             metrics.errors.labels("non_finite").inc()
-            raise ApiError(500, f"{len(failed)} of {req.n} image(s) failed: {failed[0]}")
-        data = []
-        for row, r in zip(rows, results):
-            buf = io.BytesIO()
-            r.image.save(buf, format="PNG")
-            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode(), "revised_prompt": req.prompt,
-                         "seed": row.seed, "batch_size": r.batch_size, "bucket": r.bucket})
-        return {"created": int(time.time()), "data": data}
+        return images_response(req, rows, results)
 
     async def chat(body: dict) -> dict:
         image, question, max_tokens = chat_request(body, limits)
         (answer,) = await batcher.submit("chat", ("chat", max_tokens), [(image, question, max_tokens)],
                                          config.timeout_s)
-        prompt_tokens = len(sampler.processor.encode(question))
-        completion_tokens = len(sampler.processor.encode(answer, bos=False))
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                "created": int(time.time()), "model": body.get("model") or "janusflow",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return chat_response(sampler.processor, question, answer, body.get("model"))
 
     @app.post("/v1/images/generations")
     async def images_endpoint(request: Request):
