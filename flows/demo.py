@@ -72,6 +72,10 @@ def run_demo(out: Path) -> dict:
     print(f"  champion: version {summary['promotion']['version']} "
           f"({'promoted' if summary['promotion']['promoted'] else 'kept'}: {summary['promotion']['reason']})")
     print(f"  images and answers of the champion: {out}/images.png, {out}/answers.json")
+    serving = summary.get("serving") or {}
+    if serving:
+        print(f"  ONNX export: {ROOT / 'runs/shapes/export'}; served over HTTP ({serving['backend']}): "
+              f"image in {serving['image_seconds']} s, '{serving['question']}' -> '{serving['answer']}'")
     report = {"minutes": round(minutes, 2), **summary}
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
