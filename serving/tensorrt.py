@@ -7,8 +7,9 @@ on a GPU host it runs the real thing.
 
 - One optimization profile per batch bucket: the batch dims of a graph are fixed to the bucket's
   size (twice that for the CFG-doubled velocity graph), sequence dims range over 1 .. max length.
-- Precision comes from the ONNX graph (strongly typed networks, TensorRT >= 10); `precision`
-  is recorded in the cache key and, on builders without strong typing, sets the builder flag.
+- Precision comes from the ONNX graph (strongly typed networks, TensorRT >= 10), so `precision`
+  must match the export's (a clear error otherwise); on builders without strong typing it sets the
+  builder flag. It is part of the cache key either way.
 - A persistent timing cache (engines/timing.cache) makes rebuilds fast.
 - Engines live under engines/<key>/, the key a hash of the ONNX file's sha256, the TensorRT
   version, the GPU name and compute capability, the precision and the profiles. Loading checks
@@ -97,6 +98,10 @@ def build_engines(export_dir: str | Path, *, buckets: list[int], precision: str 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     max_length = max_length or read_config(export_dir).llm.max_position_embeddings
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if strongly_typed and precision != manifest["precision"]:
+        raise ValueError(f"TensorRT {trt.__version__} takes precision from the ONNX graphs, which are "
+                         f"{manifest['precision']}: --precision {precision} needs graphs exported in {precision}")
     root = export_dir / ENGINE_DIR
     root.mkdir(exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)

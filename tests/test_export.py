@@ -148,6 +148,8 @@ def test_tensorrt_engine_cache_and_mismatch(exported, monkeypatch):
     assert (out / "engines" / "timing.cache").is_file()
     meta = json.loads((out / index["engines"]["prefix"]).with_suffix(".json").read_text())
     assert meta["batches"] == [1, 2]  # bucket 2 plus the BOS-only unconditional row
+    with pytest.raises(ValueError, match="precision from the ONNX graphs, which are fp32"):
+        build_engines(out, buckets=[2], precision="bf16", progress=False)
     runner = TensorRTBackend(out)
     with pytest.raises(ValueError, match="no TensorRT profile of 'vae_decoder' for batch 3"):
         runner.run("vae_decoder", latents=torch.zeros(3, 4, 8, 8))
