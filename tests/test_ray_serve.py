@@ -30,7 +30,7 @@ def ray_service(tmp_path_factory):
         port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     run(str(model), backend="torch", buckets=(1, 2, 4), replicas=1, host="127.0.0.1", port=port,
-        max_wait_ms=300, blocking=False)
+        max_wait_ms=1000, blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
