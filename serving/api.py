@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class ApiError(Exception):
@@ -127,8 +127,7 @@ def decode_image_url(url: str, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{param}: invalid base64", param) from None
     try:
-        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw))  # lazy: reads the header, so the size check comes first
         if image.width * image.height > limits.max_image_pixels:
             raise ApiError(413, f"{param}: {image.width}x{image.height} pixels, over the limit", param)
         image.load()

@@ -8,7 +8,6 @@ measured on fresh random inputs of another batch size; plus opset, precision and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import torch
 from torch.export import Dim
 from tqdm import tqdm
 
+from data.shards import sha256_file
 from models.checkpoint import write_config
 from models.janusflow import JanusFlow
 from serving.graphs import GRAPHS, image_index
@@ -180,14 +180,6 @@ def check_parity(model: JanusFlow, name: str, path: Path, *, atol: float = PARIT
     return worst
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _io(path: Path) -> dict:
     import onnx
 
@@ -230,7 +222,7 @@ def export(model: JanusFlow, processor, out: str | Path, *, graphs: list[str] | 
             except Exception as exc:  # the exporter's own errors are long; keep the first line
                 raise ExportError(f"{name}: export failed: {str(exc).splitlines()[0]}") from exc
             err = check_parity(model, name, path)
-            entries[name] = {"file": path.name, "sha256": sha256(path), "max_abs_diff": err, **_io(path)}
+            entries[name] = {"file": path.name, "sha256": sha256_file(path), "max_abs_diff": err, **_io(path)}
         write_config(model.config, work)
         processor.save_pretrained(work)
         manifest = {"format": "janusflow-onnx", "version": 1, "opset": opset, "precision": "fp32",

@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import randomize_
 from models.pipeline import JanusFlowPipeline
 from serving.backends import OnnxRuntimeBackend, TorchBackend, load_backend
-from serving.export import PARITY_ATOL, ExportError, check_parity, export, read_manifest, sha256
+from data.shards import sha256_file as sha256
+from serving.export import PARITY_ATOL, ExportError, check_parity, export, read_manifest
 from serving.graphs import GRAPHS
 from serving.sampler import ImageRequest, Sampler
 
