@@ -20,23 +20,16 @@ def _buckets(text: str) -> tuple[int, ...]:
 
 
 def cmd_export(args) -> None:
-    from flows.registry import model_hash
-    from models.checkpoint import from_pretrained
-    from serving.export import export
-    from serving.load import model_dir
+    from serving.export import export_model
 
-    src = model_dir(args.model)
-    model, processor = from_pretrained(src)
     start = time.perf_counter()
-    manifest = export(model, processor, args.out, graphs=args.graphs, source=str(args.model),
-                      source_hash=model_hash(src))
+    manifest = export_model(args.model, args.out, graphs=args.graphs, engine=args.engine, buckets=args.buckets,
+                            precision=args.precision)
     worst = max(e["max_abs_diff"] for e in manifest["graphs"].values())
     print(f"exported {len(manifest['graphs'])} graph(s) to {args.out} in {time.perf_counter() - start:.0f}s; "
           f"onnxruntime vs PyTorch max |diff| {worst:.1e}")
     if args.engine:
-        from serving.tensorrt import build_engines
-
-        index = build_engines(args.out, buckets=list(args.buckets), precision=args.precision)
+        index = manifest["engines"]
         print(f"TensorRT {index['tensorrt']} engines for {index['gpu']} in {Path(args.out) / 'engines'}")
 
 

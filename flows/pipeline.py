@@ -205,20 +205,11 @@ def export_flow(model: str = "models:/janusflow@champion", out: str = "runs/cham
                 engine: bool = False, root: str = str(ROOT)) -> dict:
     """Export a model (default: the registry's champion) to ONNX, parity-checked; with engine=True
     also TensorRT engines (GPU hosts)."""
-    from flows.registry import model_hash
-    from models.checkpoint import from_pretrained
-    from serving.export import export
-    from serving.load import model_dir
+    from serving.export import export_model
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", _env(Path(root))["MLFLOW_TRACKING_URI"])
-    src = model_dir(model)
-    loaded, processor = from_pretrained(src)
     target = Path(root) / out
-    manifest = export(loaded, processor, target, source=model, source_hash=model_hash(src), progress=False)
-    if engine:
-        from serving.tensorrt import build_engines
-
-        manifest["engines"] = build_engines(target, buckets=[1, 2, 4, 8], progress=False)
+    manifest = export_model(model, target, engine=engine, progress=False)
     return {"out": str(target), "graphs": {k: v["max_abs_diff"] for k, v in manifest["graphs"].items()}}
 
 

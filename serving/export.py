@@ -238,6 +238,26 @@ def export(model: JanusFlow, processor, out: str | Path, *, graphs: list[str] | 
         raise
 
 
+def export_model(source: str | Path, out: str | Path, *, graphs: list[str] | None = None,
+                 engine: bool = False, buckets: list[int] = (1, 2, 4, 8), precision: str = "fp32",
+                 progress: bool = True) -> dict:
+    """Export a model directory or models:/ URI (`janusflow export`, the Prefect `export` flow);
+    with engine=True also build TensorRT engines (manifest["engines"])."""
+    from flows.registry import model_hash
+    from models.checkpoint import from_pretrained
+    from serving.load import model_dir
+
+    src = model_dir(source)
+    model, processor = from_pretrained(src)
+    manifest = export(model, processor, out, graphs=graphs, source=str(source), source_hash=model_hash(src),
+                      progress=progress)
+    if engine:
+        from serving.tensorrt import build_engines
+
+        manifest["engines"] = build_engines(out, buckets=list(buckets), precision=precision, progress=progress)
+    return manifest
+
+
 def read_manifest(path: str | Path) -> dict:
     """An export directory's manifest, with every graph file present and its hash matching."""
     path = Path(path)

@@ -112,6 +112,11 @@ def test_train_all_runs_skips_and_gates(tiny_repo, prefect_server, monkeypatch):
     serving = json.loads((showcase / "serving.json").read_text())  # the export answered over HTTP
     assert first["serving"]["backend"] == "onnxruntime" and (showcase / "serving-image.png").is_file()
     assert isinstance(serving["answer"], str)
+    from serving.load import model_dir  # what `janusflow export|serve --model models:/...` resolves
+
+    assert (model_dir("models:/janusflow@champion") / "config.json").is_file()
+    with pytest.raises(ValueError, match="not in the MLflow registry"):
+        model_dir("models:/janusflow@nosuchalias")
 
     # nothing changed: DVC skips every stage, the same weights are the same registry version
     again = train_all(root=str(tiny_repo), showcase="runs/demo")
