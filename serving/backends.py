@@ -2,7 +2,9 @@
 (an export directory), `tensorrt` (engines built from it, serving/tensorrt.py).
 
 Every backend has one method, `run(graph, **inputs) -> tuple of tensors`, with the graph's input
-names and CPU/device torch tensors in and out, so the sampler above them is backend-agnostic.
+names, so the sampler above them is backend-agnostic. Outputs stay where the backend computed them
+(the GPU for torch and tensorrt on a CUDA host, in the model's dtype): the prompt's keys/values are
+reused at every step, and copying them to the host and back each step would cost more than the step.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class TorchBackend:
         feeds = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
                  for k, v in inputs.items()}
         out = self.graphs[graph](**feeds)
-        return tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+        return out if isinstance(out, tuple) else (out,)
 
 
 class OnnxRuntimeBackend:

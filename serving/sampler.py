@@ -102,6 +102,7 @@ class Sampler:
         b = len(requests)
         enc = self.processor.encode_prompts([r.prompt for r in requests])
         keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        device = keys.device  # every tensor of the loop lives where the backend computes
         uk, uv = self.unconditional_prefix()
         p = keys.shape[3]
         pad = (0, 0, 0, p - 1)  # the BOS-only prefix, zero-padded to P and masked past BOS
@@ -109,14 +110,14 @@ class Sampler:
         values = torch.cat([values, torch.nn.functional.pad(uv, pad).expand(-1, b, -1, -1, -1)], dim=1)
         uncond_mask = torch.zeros_like(enc.attention_mask)
         uncond_mask[:, 0] = 1
-        mask = torch.cat([enc.attention_mask, uncond_mask])
-        lengths = torch.cat([enc.lengths, enc.lengths])  # the release's positions for uncond rows
-        guidance = torch.tensor([float(r.guidance) for r in requests])
+        mask = torch.cat([enc.attention_mask, uncond_mask]).to(device)
+        lengths = torch.cat([enc.lengths, enc.lengths]).to(device)  # the release's positions for uncond rows
+        guidance = torch.tensor([float(r.guidance) for r in requests], device=device)
         shape = (b, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
-        z = flow.initial_noise(shape, [int(r.seed) for r in requests])
+        z = flow.initial_noise(shape, [int(r.seed) for r in requests], device=device)
         dt = 1.0 / steps
         for t in flow.timesteps(steps):
-            t_B = torch.full((2 * b,), t)
+            t_B = torch.full((2 * b,), t, device=device)
             (v,) = self.backend.run("velocity", z_t=torch.cat([z, z]), t=t_B, keys=keys, values=values,
                                     prefix_mask=mask, lengths=lengths)
             z = flow.euler_step(z, flow.cfg_combine(*v.float().chunk(2), guidance), dt)
@@ -160,7 +161,7 @@ class Sampler:
             "und_prefill", input_ids=batch.input_ids, image_index=image_index(batch.image_mask),
             image_embeds=embeds, attention_mask=batch.attention_mask, last=batch.lengths - 1)
         mask, eos = batch.attention_mask, self.processor.eos_id
-        done = torch.zeros(size, dtype=torch.bool)
+        done = torch.zeros(size, dtype=torch.bool, device=logits.device)
         tokens: list[list[int]] = [[] for _ in range(size)]
         for step in range(max_new_tokens):
             token = logits.argmax(-1)

@@ -234,4 +234,4 @@ class TensorRTBackend:
         if self.stream is not None:
             self.stream.synchronize()
         del keep
-        return tuple(o.float().cpu() for o in outputs)
+        return tuple(outputs)  # on the GPU, for the next call (see serving/backends.py)
