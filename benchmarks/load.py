@@ -18,13 +18,13 @@ import collections
 import concurrent.futures as cf
 import datetime
 import io
-import json
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from common import write_result
 
 
 def _image_url() -> str:
@@ -115,10 +115,7 @@ def main() -> int:
                                queue_size=4 * args.clients)
         with BackgroundServer(create_app(sampler, config)) as server:
             result = {**run(server.url, args), "backend": args.backend}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "load.md").write_text(markdown(result) + "\n")
+    write_result(args.out, "load", result, markdown(result))
     print(markdown(result))
     return 1 if result["server_errors"] else 0
 

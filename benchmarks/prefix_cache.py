@@ -13,23 +13,18 @@ import datetime
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from common import batch_prompts, sampler_arguments, write_result
 from models.pipeline import JanusFlowPipeline
 from models.sampler import sample_latents
-
-# A long-ish prompt, as real text-to-image prompts are; prompts differ in length within the batch.
-BASE = ("a detailed photograph of a small red circle to the left of a large blue square, "
-        "with a green triangle above them on a light grey background, soft shadows")
-
 
 def run(preset: str, *, device: str, dtype: torch.dtype, batch: int, steps: int, guidance: float,
         repeats: int) -> dict:
     pipe = JanusFlowPipeline.from_config(preset, seed=0)
     pipe.model.to(device=device, dtype=dtype)
-    prompts = [BASE[: len(BASE) - 7 * i] for i in range(batch)]
+    prompts = batch_prompts(batch)
     enc = pipe.processor.encode_prompts(prompts)
     results = {}
     for name, use_cache in (("recompute_every_step", False), ("cached_prefix", True)):
@@ -67,25 +62,14 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="shapes")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = sampler_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=3)
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with torch.inference_mode():
         result = run(args.preset, device=args.device, dtype=dtype, batch=args.batch,
                      steps=args.steps, guidance=args.guidance, repeats=args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"prefix_cache_{args.preset}_{args.device.split(':')[0]}_{args.dtype}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+    write_result(args.out, stem, result, markdown(result))
     print(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import tempfile
 import threading
@@ -27,13 +26,12 @@ import numpy as np
 import psutil
 import torch
 
+from common import batch_prompts, sampler_arguments, write_result
 from models.pipeline import JanusFlowPipeline
 from models.sampler import sample_latents
 from serving.backends import OnnxRuntimeBackend, TorchBackend
 from serving.sampler import ImageRequest, Sampler
 
-BASE = ("a detailed photograph of a small red circle to the left of a large blue square, "
-        "with a green triangle above them on a light grey background, soft shadows")
 VARIANTS = ("official", "torch", "torch-compile", "onnxruntime")
 
 
@@ -86,7 +84,7 @@ def run(args) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     pipe = JanusFlowPipeline.from_config(args.preset, seed=0)
     pipe.model.to(device=args.device, dtype=dtype).eval()
-    prompts = [BASE[: len(BASE) - 7 * i] for i in range(args.batch)]
+    prompts = batch_prompts(args.batch)
     seeds = list(range(args.batch))
     tmp = None
     calls = {}
@@ -151,23 +149,12 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="shapes")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = sampler_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=5)
     parser.add_argument("--backends", nargs="+", default=["official", "torch", "onnxruntime"])
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"sampler_{args.preset}_{args.device.split(':')[0]}_{args.dtype}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+    write_result(args.out, f"sampler_{args.preset}_{args.device.split(':')[0]}_{args.dtype}", result,
+                 markdown(result))
     print(markdown(result))
 
 

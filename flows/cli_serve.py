@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from serving.backends import BACKENDS
+from serving import BACKENDS
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -82,6 +82,14 @@ def cmd_serve(args) -> None:
                         timeout_s=args.timeout), host=args.host, port=args.port)
 
 
+def _served(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--model and --backend, as generate, ask and serve take them."""
+    parser.add_argument("--model", required=True, help="model directory, models:/ URI, or an export directory")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="torch",
+                        help="torch needs weights; onnxruntime/tensorrt an export directory")
+    return parser
+
+
 def add_serve_commands(sub) -> None:
     exp = sub.add_parser("export", help="ONNX graphs (+ TensorRT engines) of a model, parity-checked")
     exp.add_argument("--model", required=True, help="model directory or models:/janusflow@champion")
@@ -92,12 +100,7 @@ def add_serve_commands(sub) -> None:
     exp.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     exp.set_defaults(func=cmd_export)
 
-    source = dict(required=True, help="model directory, models:/ URI, or an export directory")
-    backend = dict(choices=list(BACKENDS), default="torch",
-                   help="torch needs weights; onnxruntime/tensorrt an export directory")
-    gen = sub.add_parser("generate", help="text to image with the serving sampler")
-    gen.add_argument("--model", **source)
-    gen.add_argument("--backend", **backend)
+    gen = _served(sub.add_parser("generate", help="text to image with the serving sampler"))
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True)
     gen.add_argument("--n", type=int, default=1)
@@ -106,17 +109,13 @@ def add_serve_commands(sub) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
-    ask = sub.add_parser("ask", help="answer a question about an image")
-    ask.add_argument("--model", **source)
-    ask.add_argument("--backend", **backend)
+    ask = _served(sub.add_parser("ask", help="answer a question about an image"))
     ask.add_argument("--image", required=True)
     ask.add_argument("--question", required=True)
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.set_defaults(func=cmd_ask)
 
-    serve = sub.add_parser("serve", help="the HTTP inference service (OpenAI-style images + chat)")
-    serve.add_argument("--model", **source)
-    serve.add_argument("--backend", **backend)
+    serve = _served(sub.add_parser("serve", help="the HTTP inference service (OpenAI-style images + chat)"))
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--buckets", type=_buckets, default=(1, 2, 4, 8))

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serving import BACKENDS
 from serving.export import OUTPUTS, read_manifest
 from serving.graphs import GRAPHS
-
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 
 
 class TorchBackend:
