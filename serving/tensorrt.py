@@ -217,7 +217,7 @@ class TensorRTBackend:
         context.set_optimization_profile_async(self._profile(graph, rows), handle)
         keep = []
         for name, tensor in inputs.items():
-            want = _TORCH_DTYPES[str(trt.nptype(engine.get_tensor_dtype(name)).__name__)]
+            want = _TORCH_DTYPES[trt.nptype(engine.get_tensor_dtype(name)).__name__]
             t = tensor.to(self.device, dtype=want).contiguous()
             keep.append(t)
             context.set_input_shape(name, tuple(t.shape))
@@ -225,7 +225,7 @@ class TensorRTBackend:
         outputs = []
         for name in OUTPUTS[graph]:
             shape = tuple(context.get_tensor_shape(name))
-            dtype = _TORCH_DTYPES[str(trt.nptype(engine.get_tensor_dtype(name)).__name__)]
+            dtype = _TORCH_DTYPES[trt.nptype(engine.get_tensor_dtype(name)).__name__]
             out = torch.empty(shape, dtype=dtype, device=self.device)
             context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
