@@ -5,7 +5,8 @@
 
 One process, the same random weights, prompts, steps, CFG and batch for every variant:
 - official: recomputes the prompt prefix at every Euler step, eager (what demo/app_janusflow.py does);
-- torch / torch-compile: serving/sampler.py over the PyTorch graphs (prefix once, shared BOS prefix);
+- torch / torch-compile: serving/sampler.py over the PyTorch graphs (prefix once, shared BOS prefix,
+  one fused cfg_step call per Euler step);
 - onnxruntime: the same sampler over graphs exported to a temporary directory.
 Each variant includes VAE decoding. Reports images/s, per-batch latency p50/p95 and peak memory
 (GPU: torch's peak allocation; CPU: the process's peak RSS above its level before the variant), as
@@ -99,31 +100,37 @@ def run(args) -> dict:
 
             tmp = tempfile.TemporaryDirectory()
             export(pipe.model.float(), pipe.processor, Path(tmp.name) / "export", progress=False,
-                   graphs=["prefix", "velocity", "vae_decoder"])
+                   graphs=["prefix", "cfg_step", "vae_decoder"])
             pipe.model.to(dtype=dtype)
             s = Sampler.from_export(Path(tmp.name) / "export", OnnxRuntimeBackend(Path(tmp.name) / "export"))
             calls[name] = lambda s=s: ours(s, prompts, seeds, args.steps, args.guidance)
         else:
             raise SystemExit(f"unknown variant {name}: choose from {', '.join(VARIANTS)}")
     results, images = {}, {}
-    for name, call in calls.items():
-        with torch.inference_mode():
+    times = {name: [] for name in calls}
+    peak = dict.fromkeys(calls, 0.0)
+    cuda = args.device.startswith("cuda")
+    with torch.inference_mode():
+        for call in calls.values():
             call()  # warm-up (and compilation)
-            times = []
-            with PeakMemory(args.device) as mem:
-                for _ in range(args.repeats):
-                    if args.device.startswith("cuda"):
+        # repeats interleave the variants, so a machine whose speed drifts (shared CPUs) favours none
+        for _ in range(args.repeats):
+            for name, call in calls.items():
+                with PeakMemory(args.device) as mem:
+                    if cuda:
                         torch.cuda.synchronize()
                     start = time.perf_counter()
                     images[name] = call().float().cpu()
-                    if args.device.startswith("cuda"):
+                    if cuda:
                         torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-        t = np.array(times)
+                    times[name].append(time.perf_counter() - start)
+                peak[name] = max(peak[name], mem.mib)
+    for name, measured in times.items():
+        t = np.array(measured)
         results[name] = {"images_per_s": round(args.batch / float(np.median(t)), 3),
                          "latency_p50_s": round(float(np.percentile(t, 50)), 4),
                          "latency_p95_s": round(float(np.percentile(t, 95)), 4),
-                         "peak_memory_mib": round(mem.mib, 1)}
+                         "peak_memory_mib": round(peak[name], 1)}
     if "official" in results:
         base = results["official"]["images_per_s"]
         for name, r in results.items():

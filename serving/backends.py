@@ -2,7 +2,7 @@
 (an export directory), `tensorrt` (engines built from it, serving/tensorrt.py).
 
 Every backend has one method, `run(graph, **inputs) -> tuple of tensors`, with the graph's input
-names, so the sampler above them is backend-agnostic. Outputs stay where the backend computed them
+names, and a set `graphs` of the graphs it can run, so the sampler above them is backend-agnostic. Outputs stay where the backend computed them
 (the GPU for torch and tensorrt on a CUDA host, in the model's dtype): the prompt's keys/values are
 reused at every step, and copying them to the host and back each step would cost more than the step.
 """
@@ -16,7 +16,7 @@ import torch
 
 from serving import BACKENDS
 from serving.export import OUTPUTS, read_manifest
-from serving.graphs import GRAPHS
+from serving.graphs import FP32_INPUTS, GRAPHS
 
 
 class TorchBackend:
@@ -27,16 +27,17 @@ class TorchBackend:
         self.name = "torch-compile" if compile else "torch"
         self.device = model.device
         self.dtype = model.gen_enc_aligner.weight.dtype
-        self.graphs = {}
+        self.modules = {}
         for name, cls in GRAPHS.items():
             module = cls(model).eval()
-            self.graphs[name] = torch.compile(module, dynamic=True) if compile else module
+            self.modules[name] = torch.compile(module, dynamic=True) if compile else module
+        self.graphs = set(self.modules)
 
     @torch.no_grad()
     def run(self, graph: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
-                 for k, v in inputs.items()}
-        out = self.graphs[graph](**feeds)
+        feeds = {k: v.to(self.device, dtype=torch.float32 if k in FP32_INPUTS else self.dtype)
+                 if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()}
+        out = self.modules[graph](**feeds)
         return out if isinstance(out, tuple) else (out,)
 
 
@@ -62,6 +63,7 @@ class OnnxRuntimeBackend:
         self.sessions = {name: ort.InferenceSession(str(self.export_dir / entry["file"]), options,
                                                     providers=wanted)
                          for name, entry in self.manifest["graphs"].items()}
+        self.graphs = set(self.sessions)
 
     def run(self, graph: str, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         session = self.sessions.get(graph)

@@ -74,6 +74,17 @@ def example(name: str, model: JanusFlow, *, batch: int, length: int, seed: int =
                         "prefix_mask": mask, "lengths": lengths},
                        {"z_t": {0: "batch"}, "t": {0: "batch"}, "keys": kv_dims, "values": kv_dims,
                         "prefix_mask": {0: "batch", 1: "prefix"}, "lengths": {0: "batch"}})
+    if name == "cfg_step":
+        keys, values = _kv(model, batch, length, gen)
+        uncond_keys, uncond_values = _kv(model, 1, 1, gen)
+        z = torch.randn(batch, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size, generator=gen)
+        return Example({"z": z, "t": torch.rand(batch, generator=gen), "dt": torch.full((batch,), 1 / 30),
+                        "guidance": 1 + 4 * torch.rand(batch, generator=gen), "keys": keys, "values": values,
+                        "prefix_mask": mask, "lengths": lengths, "uncond_keys": uncond_keys,
+                        "uncond_values": uncond_values},
+                       {"z": {0: "batch"}, "t": {0: "batch"}, "dt": {0: "batch"}, "guidance": {0: "batch"},
+                        "keys": kv_dims, "values": kv_dims, "prefix_mask": {0: "batch", 1: "prefix"},
+                        "lengths": {0: "batch"}})
     if name == "vae_decoder":
         z = torch.randn(batch, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size, generator=gen)
         return Example({"latents": z}, {"latents": {0: "batch"}})
@@ -106,7 +117,8 @@ def example(name: str, model: JanusFlow, *, batch: int, length: int, seed: int =
     raise ValueError(f"unknown graph '{name}': choose from {', '.join(GRAPHS)}")
 
 
-OUTPUTS = {"prefix": ["keys", "values"], "velocity": ["velocity"], "vae_decoder": ["images"],
+OUTPUTS = {"prefix": ["keys", "values"], "velocity": ["velocity"], "cfg_step": ["z_next"],
+           "vae_decoder": ["images"],
            "vision": ["image_embeds"], "und_prefill": ["logits", "keys", "values"],
            "decode_step": ["logits", "new_keys", "new_values"]}
 
@@ -136,7 +148,76 @@ def export_graph(model: JanusFlow, name: str, path: Path, *, opset: int = OPSET)
         raise ExportError(f"{name}: torch.onnx.export returned no program")
     tmp = path.with_suffix(".onnx.tmp")
     program.save(str(tmp))
+    fusable(tmp)
     os.replace(tmp, path)
+
+
+def _gelu_order(graph, consumers: dict[str, list]) -> None:
+    """Erf -> Add(1) -> Mul(0.5) -> Mul(x)  becomes  Erf -> Add(1) -> Mul(x) -> Mul(0.5)."""
+    for erf in [n for n in graph.node if n.op_type == "Erf"]:
+        add = consumers.get(erf.output[0], [])
+        if len(add) != 1 or add[0].op_type != "Add":
+            continue
+        half = consumers.get(add[0].output[0], [])
+        if len(half) != 1 or half[0].op_type != "Mul":
+            continue
+        last = consumers.get(half[0].output[0], [])
+        if len(last) != 1 or last[0].op_type != "Mul":
+            continue
+        half, last = half[0], last[0]
+        scale = [i for i in half.input if i != add[0].output[0]]
+        x = [i for i in last.input if i != half.output[0]]
+        if len(scale) != 1 or len(x) != 1:
+            continue
+        del half.input[:]
+        half.input.extend([x[0], add[0].output[0]])
+        del last.input[:]
+        last.input.extend([half.output[0], scale[0]])
+
+
+def fusable(path: Path) -> None:
+    """Rewrite three exporter idioms, in place, into the same math in forms runtimes do better with:
+    x * Reciprocal(Sqrt(s)) -> x / Sqrt(s), the pattern ONNX Runtime fuses into one RMS-norm kernel
+    (SimplifiedLayerNormalization); x * (0.5 * (1 + erf(.))) -> (x * (1 + erf(.))) * 0.5, the order its
+    GELU fusion matches (exact: scaling by 0.5 rounds nothing); and ReduceL2 -> Sqrt(ReduceSum(x * x)),
+    since ONNX Runtime's ReduceL2 (and ReduceSumSquare) over inner axes, the GRN of g_enc/g_dec, is
+    about ten times slower than its ReduceSum there.
+    Weights stay where the exporter put them (inline or external data)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    _gelu_order(graph, consumers)
+    nodes = []
+    for node in graph.node:
+        users = consumers.get(node.output[0], []) if node.output else []
+        if (node.op_type == "Reciprocal" and len(users) == 1 and users[0].op_type == "Mul"
+                and node.output[0] not in outputs):
+            mul = users[0]
+            other = [i for i in mul.input if i != node.output[0]]
+            if len(other) == 1:
+                mul.op_type = "Div"
+                del mul.input[:]
+                mul.input.extend([other[0], node.input[0]])
+                continue  # the Reciprocal is gone
+        if node.op_type == "ReduceL2":
+            x, out = node.input[0], node.output[0]
+            total = onnx.NodeProto()
+            total.CopyFrom(node)
+            total.op_type, total.name = "ReduceSum", f"{node.name}_sum"
+            total.input[0], total.output[0] = f"{out}_sq", f"{out}_sum"
+            nodes += [onnx.helper.make_node("Mul", [x, x], [f"{out}_sq"], name=f"{node.name}_sq"), total,
+                      onnx.helper.make_node("Sqrt", [f"{out}_sum"], [out], name=f"{node.name}_sqrt")]
+            continue
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
 
 
 class _quiet:

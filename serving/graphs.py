@@ -8,6 +8,10 @@ do not export. Generation:
 - prefix:   prompt ids + mask -> keys, values of the prompt (computed once per request);
 - velocity: z_t, t, prefix keys/values, prefix mask, prompt lengths -> v (g_enc, aligners, the LLM
   over the 1 + N new tokens, g_dec);
+- cfg_step: one whole guided Euler step, z -> z + dt * v_cfg, with the CFG combination and the update
+  fused in. g_enc runs once per row (its input is the same for the conditional and unconditional
+  row) and the unconditional rows attend to the one BOS key/value instead of a padded prompt, so a
+  step costs less than the velocity graph over doubled rows;
 - vae_decoder: scaled latents -> images in [-1, 1].
 Understanding:
 - vision:   pixels -> the 1 + N image embeddings (beg_of_und + aligned f_enc tokens);
@@ -22,7 +26,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from models import flow
 from models.janusflow import JanusFlow
+
+# Inputs the sampler keeps in fp32 whatever the model's dtype: the latents being integrated and the
+# per-row step size and guidance (the Euler update is done in fp32, as the reference sampler does).
+FP32_INPUTS = frozenset({"z", "dt", "guidance"})
 
 
 def stack_cache(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +76,36 @@ class Velocity(nn.Module):
         out = m.llm.model(inputs_embeds=x_new, attention_mask=mask, position_ids=pos,
                           past_key_values=unstack_cache(keys, values), use_cache=True)
         return m.velocity_from_hidden(out.last_hidden_state, skip, t_emb)
+
+
+class CfgStep(nn.Module):
+    """One classifier-free-guided Euler step: z (B, C, H, W) fp32, t, dt, guidance (B,), the prompts'
+    keys/values (L, B, H, P, hd), prefix mask (B, P), prompt lengths (B,), and the BOS-only prompt's
+    keys/values (L, 1, H, 1, hd) -> z + dt * (w v_cond - (w - 1) v_uncond) (B, C, H, W) fp32.
+
+    The same velocity as two Velocity rows: the unconditional row sees only BOS, at the conditional
+    row's positions, exactly as the padded-and-masked prompt of the reference sampler."""
+
+    def __init__(self, model: JanusFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, t, dt, guidance, keys, values, prefix_mask, lengths, uncond_keys, uncond_values):
+        m = self.model
+        dtype = m.gen_enc_aligner.weight.dtype
+        x_new, skip, t_emb = m.image_tokens(z.to(dtype), t)  # identical for both rows of a prompt
+        b, n = x_new.shape[0], x_new.shape[1]
+        pos = lengths.view(-1, 1) + torch.arange(n, device=x_new.device).unsqueeze(0)
+        new = torch.ones(b, n, dtype=prefix_mask.dtype, device=x_new.device)
+        cond = m.llm.model(inputs_embeds=x_new, attention_mask=torch.cat([prefix_mask, new], 1), position_ids=pos,
+                           past_key_values=unstack_cache(keys, values), use_cache=True).last_hidden_state
+        uk, uv = (u.expand(-1, b, -1, -1, -1) for u in (uncond_keys, uncond_values))
+        bos = torch.ones(b, uk.shape[3], dtype=prefix_mask.dtype, device=x_new.device)
+        uncond = m.llm.model(inputs_embeds=x_new, attention_mask=torch.cat([bos, new], 1), position_ids=pos,
+                             past_key_values=unstack_cache(uk, uv), use_cache=True).last_hidden_state
+        v = m.velocity_from_hidden(torch.cat([cond, uncond]), torch.cat([skip, skip]), torch.cat([t_emb, t_emb]))
+        v = flow.cfg_combine(v[:b].float(), v[b:].float(), guidance)  # (slices: chunk() pins batch in export)
+        return flow.euler_step(z, v.to(z.dtype), dt.view(-1, 1, 1, 1).to(z.dtype))
 
 
 class VAEDecoder(nn.Module):
@@ -135,8 +174,8 @@ class DecodeStep(nn.Module):
         return logits, new_keys, new_values
 
 
-GRAPHS = {"prefix": Prefix, "velocity": Velocity, "vae_decoder": VAEDecoder, "vision": Vision,
-          "und_prefill": UndPrefill, "decode_step": DecodeStep}
+GRAPHS = {"prefix": Prefix, "velocity": Velocity, "cfg_step": CfgStep, "vae_decoder": VAEDecoder,
+          "vision": Vision, "und_prefill": UndPrefill, "decode_step": DecodeStep}
 
 
 def image_index(image_mask: torch.Tensor) -> torch.Tensor:

@@ -97,13 +97,28 @@ class Sampler:
         return results  # type: ignore[return-value]
 
     def latents(self, requests: list[ImageRequest], steps: int) -> torch.Tensor:
-        """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding)."""
+        """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding).
+
+        With a `cfg_step` graph (exports since it exists) each step is one call that does g_enc once per
+        row, CFG and the Euler update; otherwise the `velocity` graph runs over [cond; uncond] rows."""
         cfg = self.config
         b = len(requests)
         enc = self.processor.encode_prompts([r.prompt for r in requests])
         keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
         device = keys.device  # every tensor of the loop lives where the backend computes
         uk, uv = self.unconditional_prefix()
+        guidance = torch.tensor([float(r.guidance) for r in requests], device=device)
+        shape = (b, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
+        z = flow.initial_noise(shape, [int(r.seed) for r in requests], device=device)
+        dt = 1.0 / steps
+        if "cfg_step" in self.backend.graphs:
+            mask, lengths = enc.attention_mask.to(device), enc.lengths.to(device)
+            dt_B = torch.full((b,), dt, device=device)
+            for t in flow.timesteps(steps):
+                (z,) = self.backend.run("cfg_step", z=z, t=torch.full((b,), t, device=device), dt=dt_B,
+                                        guidance=guidance, keys=keys, values=values, prefix_mask=mask,
+                                        lengths=lengths, uncond_keys=uk, uncond_values=uv)
+            return z.float()
         p = keys.shape[3]
         pad = (0, 0, 0, p - 1)  # the BOS-only prefix, zero-padded to P and masked past BOS
         keys = torch.cat([keys, torch.nn.functional.pad(uk, pad).expand(-1, b, -1, -1, -1)], dim=1)
@@ -112,10 +127,6 @@ class Sampler:
         uncond_mask[:, 0] = 1
         mask = torch.cat([enc.attention_mask, uncond_mask]).to(device)
         lengths = torch.cat([enc.lengths, enc.lengths]).to(device)  # the release's positions for uncond rows
-        guidance = torch.tensor([float(r.guidance) for r in requests], device=device)
-        shape = (b, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
-        z = flow.initial_noise(shape, [int(r.seed) for r in requests], device=device)
-        dt = 1.0 / steps
         for t in flow.timesteps(steps):
             t_B = torch.full((2 * b,), t, device=device)
             (v,) = self.backend.run("velocity", z_t=torch.cat([z, z]), t=t_B, keys=keys, values=values,

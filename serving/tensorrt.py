@@ -201,6 +201,7 @@ class TensorRTBackend:
             self.engines[graph] = engine
             self.contexts[graph] = engine.create_execution_context()
             self.batches[graph] = meta["batches"]
+        self.graphs = set(self.engines)
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def _profile(self, graph: str, rows: int) -> int:

@@ -62,6 +62,31 @@ def test_manifest_lists_every_graph_with_parity_and_hashes(exported):
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
+def test_exported_graphs_use_the_fused_forms_onnxruntime_optimizes(exported, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out, _ = exported
+    ops = {n.op_type for n in onnx.load(str(out / "cfg_step.onnx")).graph.node}
+    assert "ReduceL2" not in ops and "Reciprocal" not in ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "cfg_step.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("SimplifiedLayerNormalization") >= 2 * 2  # the RMS norms of both LLM passes
+    assert "Erf" not in fused  # every GELU became one kernel
+
+
+def test_fused_cfg_step_matches_the_velocity_path(pipe, exported):
+    out, _ = exported
+    mixed = [ImageRequest(p, seed=3 + i, guidance=g, steps=5) for i, (p, g) in enumerate(zip(PROMPTS, (1.0, 2.5, 6.0)))]
+    for backend in (TorchBackend(pipe.model), OnnxRuntimeBackend(out)):
+        fused = Sampler.from_model(pipe.model, pipe.processor, backend).latents(mixed, 5)
+        backend.graphs = backend.graphs - {"cfg_step"}  # an export made before the fused graph existed
+        unfused = Sampler.from_model(pipe.model, pipe.processor, backend).latents(mixed, 5)
+        assert float((fused - unfused).abs().max()) < 1e-5, backend.name
+
+
 def test_parity_check_catches_a_graph_that_does_not_match(pipe, exported, tmp_path):
     out, _ = exported
     other = JanusFlowPipeline.from_config("tiny", seed=5).model  # different weights, same shapes
@@ -125,8 +150,8 @@ def test_steps_group_and_non_finite_rows_fail_alone(pipe):
     class Poisoned(TorchBackend):
         def run(self, graph, **inputs):
             out = super().run(graph, **inputs)
-            if graph == "velocity":
-                out[0][1] = float("nan")  # the second conditional row goes bad
+            if graph in ("velocity", "cfg_step"):
+                out[0][1] = float("nan")  # the second row goes bad (its conditional velocity, or its z)
             return out
 
     bad = Sampler.from_model(pipe.model, pipe.processor, Poisoned(pipe.model), buckets=(2,))
