@@ -7,9 +7,12 @@ on a GPU host it runs the real thing.
 
 - One optimization profile per batch bucket: the batch dims of a graph are fixed to the bucket's
   size (twice that for the CFG-doubled velocity graph), sequence dims range over 1 .. max length.
-- Precision comes from the ONNX graph (strongly typed networks, TensorRT >= 10), so `precision`
-  must match the export's (a clear error otherwise); on builders without strong typing it sets the
-  builder flag. It is part of the cache key either way.
+- Precision: at the export's precision (fp32) the network is strongly typed, every tensor as in the
+  ONNX graph. `--precision bf16|fp16` builds a weakly typed network with the BF16/FP16 builder flag:
+  TensorRT runs bf16 kernels wherever it supports them and they are faster, inputs and outputs stay
+  fp32 (the sampler is unchanged), and the precision-sensitive layers (reductions, so RMS norms and
+  the GRN, softmax, normalization) are pinned to fp32. (TensorRT 10 deprecates weak typing in favour
+  of graphs exported in bf16; those are not written yet.) Precision is part of the cache key.
 - A persistent timing cache (engines/timing.cache) makes rebuilds fast.
 - Engines live under engines/<key>/, the key a hash of the ONNX file's sha256, the TensorRT
   version, the GPU name and compute capability, the precision and the profiles. Loading checks
@@ -98,10 +101,8 @@ def build_engines(export_dir: str | Path, *, buckets: list[int], precision: str 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     max_length = max_length or read_config(export_dir).llm.max_position_embeddings
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    if strongly_typed and precision != manifest["precision"]:
-        raise ValueError(f"TensorRT {trt.__version__} takes precision from the ONNX graphs, which are "
-                         f"{manifest['precision']}: --precision {precision} needs graphs exported in {precision}")
+    if manifest["precision"] != "fp32" and precision != manifest["precision"]:
+        raise ValueError(f"the ONNX graphs are {manifest['precision']}: build them at that precision")
     root = export_dir / ENGINE_DIR
     root.mkdir(exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -130,16 +131,22 @@ def build_engines(export_dir: str | Path, *, buckets: list[int], precision: str 
 def _build_one(trt, logger, onnx_path: Path, target: Path, spec: list[dict], precision: str,
                timing_path: Path) -> None:
     builder = trt.Builder(logger)
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    mixed = precision in ("bf16", "fp16")  # over fp32 graphs: TensorRT picks lower-precision kernels
+    flags = 0 if mixed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    if not strongly_typed and precision in ("bf16", "fp16"):
+    if mixed:
         config.set_flag(trt.BuilderFlag.BF16 if precision == "bf16" else trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        keep = {trt.LayerType.REDUCE, trt.LayerType.SOFTMAX, trt.LayerType.NORMALIZATION}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in keep:
+                layer.precision = trt.float32
     cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     for shapes in spec:

@@ -36,11 +36,35 @@ class NetworkDefinitionCreationFlag:
 class BuilderFlag:
     BF16 = 1
     FP16 = 2
+    PREFER_PRECISION_CONSTRAINTS = 3
+
+
+class LayerType:
+    MATRIX_MULTIPLY, ELEMENTWISE, REDUCE, SOFTMAX, NORMALIZATION, OTHER = range(6)
+
+
+_LAYER_TYPES = {"MatMul": LayerType.MATRIX_MULTIPLY, "Gemm": LayerType.MATRIX_MULTIPLY,
+                "Add": LayerType.ELEMENTWISE, "Mul": LayerType.ELEMENTWISE, "Div": LayerType.ELEMENTWISE,
+                "ReduceMean": LayerType.REDUCE, "ReduceSum": LayerType.REDUCE, "Softmax": LayerType.SOFTMAX,
+                "LayerNormalization": LayerType.NORMALIZATION}
+
+
+class _Layer:
+    def __init__(self, node):
+        self.name, self.type = node.name, _LAYER_TYPES.get(node.op_type, LayerType.OTHER)
+        self.precision = None  # TensorRT's own choice until set
 
 
 class _Network:
     def __init__(self, flags):
-        self.flags, self.onnx = flags, None
+        self.flags, self.onnx, self.layers = flags, None, []
+
+    @property
+    def num_layers(self):
+        return len(self.layers)
+
+    def get_layer(self, i):
+        return self.layers[i]
 
 
 class OnnxParser:
@@ -55,6 +79,7 @@ class OnnxParser:
             self.errors = [f"ModelImporter: {exc}"]
             return False
         self.network.onnx = model.SerializeToString()
+        self.network.layers = [_Layer(node) for node in model.graph.node]
         return True
 
     @property
@@ -126,11 +151,17 @@ class Builder:
         Builder.builds += 1
         return json.dumps({"onnx": base64.b64encode(network.onnx).decode(),
                            "profiles": [{k: list(map(list, v)) for k, v in p.items()}
-                                        for p in config.profiles]}).encode()
+                                        for p in config.profiles],
+                           "strongly_typed": bool(network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                           "flags": sorted(config.flags),
+                           "fp32_layers": sum(layer.precision is float32 for layer in network.layers)}).encode()
 
 
 class DataType:
     FLOAT, INT64, BOOL, INT32 = np.float32, np.int64, np.bool_, np.int32
+
+
+float32 = DataType.FLOAT
 
 
 def nptype(dtype):
@@ -141,6 +172,7 @@ class _Engine:
     def __init__(self, blob: dict):
         self.model_bytes = base64.b64decode(blob["onnx"])
         self.profiles = blob["profiles"]
+        self.build = {k: blob[k] for k in ("strongly_typed", "flags", "fp32_layers")}  # for tests
         self.session = ort.InferenceSession(self.model_bytes, providers=["CPUExecutionProvider"])
         self.types = {}
         for v in list(self.session.get_inputs()) + list(self.session.get_outputs()):

@@ -174,8 +174,21 @@ def test_tensorrt_engine_cache_and_mismatch(exported, monkeypatch):
     assert (out / "engines" / "timing.cache").is_file()
     meta = json.loads((out / index["engines"]["prefix"]).with_suffix(".json").read_text())
     assert meta["batches"] == [1, 2]  # bucket 2 plus the BOS-only unconditional row
-    with pytest.raises(ValueError, match="precision from the ONNX graphs, which are fp32"):
-        build_engines(out, buckets=[2], precision="bf16", progress=False)
+
+    def built_with(idx, graph):  # how the stand-in built an engine (its engine files are JSON)
+        return json.loads((out / idx["engines"][graph]).read_bytes())
+
+    assert built_with(index, "prefix")["strongly_typed"] and not built_with(index, "prefix")["flags"]
+    mixed = build_engines(out, buckets=[2], precision="bf16", progress=False)
+    assert mixed["engines"]["prefix"] != index["engines"]["prefix"]  # precision is part of the cache key
+    info = built_with(mixed, "cfg_step")
+    assert not info["strongly_typed"]  # TensorRT may pick bf16 kernels over the fp32 graph...
+    flag = fake_tensorrt.BuilderFlag
+    assert info["flags"] == sorted([flag.BF16, flag.PREFER_PRECISION_CONSTRAINTS])
+    assert info["fp32_layers"] >= 9  # ...but not for the reductions of the RMS norms and the GRN
+    (images,) = TensorRTBackend(out).run("vae_decoder", latents=torch.zeros(2, 4, 8, 8))
+    assert images.dtype == torch.float32 and images.shape[0] == 2  # fp32 in and out either way
+    build_engines(out, buckets=[2], progress=False)
     runner = TensorRTBackend(out)
     with pytest.raises(ValueError, match="no TensorRT profile of 'vae_decoder' for batch 3"):
         runner.run("vae_decoder", latents=torch.zeros(3, 4, 8, 8))
