@@ -70,12 +70,18 @@ class Velocity(nn.Module):
     def forward(self, z_t, t, keys, values, prefix_mask, lengths):
         m = self.model
         x_new, skip, t_emb = m.image_tokens(z_t, t)
-        b, n = x_new.shape[0], x_new.shape[1]
-        pos = lengths.view(-1, 1) + torch.arange(n, device=x_new.device).unsqueeze(0)
-        mask = torch.cat([prefix_mask, torch.ones(b, n, dtype=prefix_mask.dtype, device=x_new.device)], 1)
-        out = m.llm.model(inputs_embeds=x_new, attention_mask=mask, position_ids=pos,
-                          past_key_values=unstack_cache(keys, values), use_cache=True)
-        return m.velocity_from_hidden(out.last_hidden_state, skip, t_emb)
+        return m.velocity_from_hidden(after_prefix(m, x_new, keys, values, prefix_mask, lengths), skip, t_emb)
+
+
+def after_prefix(m: JanusFlow, x_new, keys, values, prefix_mask, lengths) -> torch.Tensor:
+    """The LLM's last hidden states (B, 1 + N, D) over new tokens x_new that follow a cached prefix
+    (keys/values (L, B, H, P, hd), mask (B, P)); they sit at positions L_i .. L_i + N of their row."""
+    b, n = x_new.shape[0], x_new.shape[1]
+    pos = lengths.view(-1, 1) + torch.arange(n, device=x_new.device).unsqueeze(0)
+    mask = torch.cat([prefix_mask, torch.ones(b, n, dtype=prefix_mask.dtype, device=x_new.device)], 1)
+    out = m.llm.model(inputs_embeds=x_new, attention_mask=mask, position_ids=pos,
+                      past_key_values=unstack_cache(keys, values), use_cache=True)
+    return out.last_hidden_state
 
 
 class CfgStep(nn.Module):
@@ -94,15 +100,11 @@ class CfgStep(nn.Module):
         m = self.model
         dtype = m.gen_enc_aligner.weight.dtype
         x_new, skip, t_emb = m.image_tokens(z.to(dtype), t)  # identical for both rows of a prompt
-        b, n = x_new.shape[0], x_new.shape[1]
-        pos = lengths.view(-1, 1) + torch.arange(n, device=x_new.device).unsqueeze(0)
-        new = torch.ones(b, n, dtype=prefix_mask.dtype, device=x_new.device)
-        cond = m.llm.model(inputs_embeds=x_new, attention_mask=torch.cat([prefix_mask, new], 1), position_ids=pos,
-                           past_key_values=unstack_cache(keys, values), use_cache=True).last_hidden_state
+        b = x_new.shape[0]
+        cond = after_prefix(m, x_new, keys, values, prefix_mask, lengths)
         uk, uv = (u.expand(-1, b, -1, -1, -1) for u in (uncond_keys, uncond_values))
         bos = torch.ones(b, uk.shape[3], dtype=prefix_mask.dtype, device=x_new.device)
-        uncond = m.llm.model(inputs_embeds=x_new, attention_mask=torch.cat([bos, new], 1), position_ids=pos,
-                             past_key_values=unstack_cache(uk, uv), use_cache=True).last_hidden_state
+        uncond = after_prefix(m, x_new, uk, uv, bos, lengths)
         v = m.velocity_from_hidden(torch.cat([cond, uncond]), torch.cat([skip, skip]), torch.cat([t_emb, t_emb]))
         v = flow.cfg_combine(v[:b].float(), v[b:].float(), guidance)  # (slices: chunk() pins batch in export)
         return flow.euler_step(z, v.to(z.dtype), dt.view(-1, 1, 1, 1).to(z.dtype))
