@@ -8,8 +8,9 @@ One process, the same random weights, prompts, steps, CFG and batch for every va
 - torch / torch-compile: serving/sampler.py over the PyTorch graphs (prefix once, shared BOS prefix,
   one fused cfg_step call per Euler step);
 - onnxruntime: the same sampler over graphs exported to a temporary directory.
-Each variant includes VAE decoding. Reports images/s, per-batch latency p50/p95 and peak memory
-(GPU: torch's peak allocation; CPU: the process's peak RSS above its level before the variant), as
+Each variant includes VAE decoding. Reports images/s, per-batch latency p50/p95 (timed repeats
+interleave the variants) and peak memory, measured in one extra untimed run per variant (GPU:
+torch's peak allocation; CPU: the process's peak RSS above its level before the run), as
 JSON and a markdown table under benchmarks/results/.
 """
 
@@ -116,15 +117,19 @@ def run(args) -> dict:
         # repeats interleave the variants, so a machine whose speed drifts (shared CPUs) favours none
         for _ in range(args.repeats):
             for name, call in calls.items():
-                with PeakMemory(args.device) as mem:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    images[name] = call().float().cpu()
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times[name].append(time.perf_counter() - start)
-                peak[name] = max(peak[name], mem.mib)
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                images[name] = call().float().cpu()
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+        # memory in a run of its own: on CPU the RSS poller is a thread that would steal cycles from
+        # the timed runs' thread pools
+        for name, call in calls.items():
+            with PeakMemory(args.device) as mem:
+                call()
+            peak[name] = mem.mib
     for name, measured in times.items():
         t = np.array(measured)
         results[name] = {"images_per_s": round(args.batch / float(np.median(t)), 3),
