@@ -96,6 +96,23 @@ class Sampler:
                     results[i] = res
         return results  # type: ignore[return-value]
 
+    def prompt_prefix(self, prompts: list[str]):
+        """Keys/values (L, B, H, P, hd) and the encoded batch of `prompts`. A prompt in several rows
+        (a request for n images, bucket padding) goes through the prefix graph once; that run is
+        padded to a bucket size again, since engines only have profiles for those."""
+        unique = list(dict.fromkeys(prompts))
+        run = unique + unique[-1:] * (self.bucket(len(unique)) - len(unique))
+        enc = self.processor.encode_prompts(run)
+        keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        if run == prompts:
+            return keys, values, enc
+        position = {p: i for i, p in enumerate(unique)}
+        rows = torch.tensor([position[p] for p in prompts])
+        enc.input_ids, enc.attention_mask = enc.input_ids[rows], enc.attention_mask[rows]
+        enc.lengths = enc.lengths[rows]
+        index = rows.to(keys.device)
+        return keys.index_select(1, index), values.index_select(1, index), enc
+
     def latents(self, requests: list[ImageRequest], steps: int) -> torch.Tensor:
         """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding).
 
@@ -103,8 +120,7 @@ class Sampler:
         row, CFG and the Euler update; otherwise the `velocity` graph runs over [cond; uncond] rows."""
         cfg = self.config
         b = len(requests)
-        enc = self.processor.encode_prompts([r.prompt for r in requests])
-        keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        keys, values, enc = self.prompt_prefix([r.prompt for r in requests])
         device = keys.device  # every tensor of the loop lives where the backend computes
         uk, uv = self.unconditional_prefix()
         guidance = torch.tensor([float(r.guidance) for r in requests], device=device)

@@ -79,7 +79,8 @@ def test_exported_graphs_use_the_fused_forms_onnxruntime_optimizes(exported, tmp
 
 def test_fused_cfg_step_matches_the_velocity_path(pipe, exported):
     out, _ = exported
-    mixed = [ImageRequest(p, seed=3 + i, guidance=g, steps=5) for i, (p, g) in enumerate(zip(PROMPTS, (1.0, 2.5, 6.0)))]
+    mixed = [ImageRequest(p, seed=3 + i, guidance=g, steps=5)
+             for i, (p, g) in enumerate(zip(PROMPTS, (1.0, 2.5, 6.0)))]
     for backend in (TorchBackend(pipe.model), OnnxRuntimeBackend(out)):
         fused = Sampler.from_model(pipe.model, pipe.processor, backend).latents(mixed, 5)
         backend.graphs = backend.graphs - {"cfg_step"}  # an export made before the fused graph existed
@@ -139,6 +140,26 @@ def test_rows_do_not_depend_on_their_batch(pipe):
     assert float((both[1] - alone[0]).abs().max()) < 1e-5
     ref = pipe(["a blue square"], num_inference_steps=3, guidance_scale=1.5, seed=[2], output_type="latent")
     assert float((alone - ref).abs().max()) < 1e-5  # per-row guidance matches a batch of its own
+
+
+def test_a_prompt_in_several_rows_runs_its_prefix_once(pipe):
+    class Counting(TorchBackend):
+        rows = 0
+
+        def run(self, graph, **inputs):
+            if graph == "prefix":
+                Counting.rows += inputs["input_ids"].shape[0]
+            return super().run(graph, **inputs)
+
+    sampler = Sampler.from_model(pipe.model, pipe.processor, Counting(pipe.model))
+    sampler.unconditional_prefix()
+    Counting.rows = 0
+    reqs = [ImageRequest("a red circle", seed=1, steps=3), ImageRequest("a red circle", seed=2, steps=3),
+            ImageRequest("a blue square", seed=3, steps=3)]
+    together = sampler.latents(reqs, 3)
+    assert Counting.rows == 2  # two distinct prompts (a bucket size), three rows
+    for i, r in enumerate(reqs):
+        assert float((together[i] - sampler.latents([r], 3)[0]).abs().max()) < 1e-5
 
 
 def test_steps_group_and_non_finite_rows_fail_alone(pipe):
