@@ -2,9 +2,10 @@
 (an export directory), `tensorrt` (engines built from it, serving/tensorrt.py).
 
 Every backend has one method, `run(graph, **inputs) -> tuple of tensors`, with the graph's input
-names, and a set `graphs` of the graphs it can run, so the sampler above them is backend-agnostic. Outputs stay where the backend computed them
-(the GPU for torch and tensorrt on a CUDA host, in the model's dtype): the prompt's keys/values are
-reused at every step, and copying them to the host and back each step would cost more than the step.
+names, and a set `graphs` of the graphs it can run, so the sampler above them is backend-agnostic.
+Outputs stay where the backend computed them (the GPU for torch and tensorrt on a CUDA host, in the
+model's dtype): the prompt's keys/values are reused at every step, and copying them to the host and
+back each step would cost more than the step.
 """
 
 from __future__ import annotations

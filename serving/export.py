@@ -195,11 +195,10 @@ def fusable(path: Path) -> None:
     _gelu_order(graph, consumers)
     nodes = []
     for node in graph.node:
-        users = consumers.get(node.output[0], []) if node.output else []
-        if (node.op_type == "Reciprocal" and len(users) == 1 and users[0].op_type == "Mul"
-                and node.output[0] not in outputs):
-            mul = users[0]
-            other = [i for i in mul.input if i != node.output[0]]
+        if node.op_type == "Reciprocal" and node.output[0] not in outputs:
+            users = consumers.get(node.output[0], [])
+            mul = users[0] if len(users) == 1 and users[0].op_type == "Mul" else None
+            other = [i for i in mul.input if i != node.output[0]] if mul is not None else []
             if len(other) == 1:
                 mul.op_type = "Div"
                 del mul.input[:]

@@ -152,7 +152,7 @@ class Builder:
         return json.dumps({"onnx": base64.b64encode(network.onnx).decode(),
                            "profiles": [{k: list(map(list, v)) for k, v in p.items()}
                                         for p in config.profiles],
-                           "strongly_typed": bool(network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                           "strongly_typed": bool(network.flags >> NetworkDefinitionCreationFlag.STRONGLY_TYPED & 1),
                            "flags": sorted(config.flags),
                            "fp32_layers": sum(layer.precision is float32 for layer in network.layers)}).encode()
 
@@ -172,7 +172,6 @@ class _Engine:
     def __init__(self, blob: dict):
         self.model_bytes = base64.b64decode(blob["onnx"])
         self.profiles = blob["profiles"]
-        self.build = {k: blob[k] for k in ("strongly_typed", "flags", "fp32_layers")}  # for tests
         self.session = ort.InferenceSession(self.model_bytes, providers=["CPUExecutionProvider"])
         self.types = {}
         for v in list(self.session.get_inputs()) + list(self.session.get_outputs()):
