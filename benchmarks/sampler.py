@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import torch
 
-from common import batch_prompts, sampler_arguments, write_result
+from common import batch_prompts, profile_table, sampler_arguments, write_result
 from models.pipeline import JanusFlowPipeline
 from models.sampler import sample_latents
 from serving.backends import OnnxRuntimeBackend, TorchBackend
@@ -130,6 +130,8 @@ def run(args) -> dict:
             with PeakMemory(args.device) as mem:
                 call()
             peak[name] = mem.mib
+        profiles = {name: profile_table(call, args.device) for name, call in calls.items()} \
+            if args.profile else {}
     for name, measured in times.items():
         t = np.array(measured)
         results[name] = {"images_per_s": round(args.batch / float(np.median(t)), 3),
@@ -147,7 +149,7 @@ def run(args) -> dict:
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     return {"preset": args.preset, "device": device, "dtype": args.dtype, "batch": args.batch,
             "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
-            "date": datetime.date.today().isoformat(), "results": results}
+            "date": datetime.date.today().isoformat(), "results": results, "profiles": profiles}
 
 
 def markdown(r: dict) -> str:
@@ -157,12 +159,15 @@ def markdown(r: dict) -> str:
         f"Sampler, preset `{r['preset']}`, {r['device']}, {r['dtype']}, batch {r['batch']}, {r['steps']} steps, "
         f"CFG {r['guidance']}, {r['date']}", "",
         "| variant | images/s | p50 s/batch | p95 s/batch | peak MiB | x official |",
-        "| --- | --- | --- | --- | --- | --- |", *rows])
+        "| --- | --- | --- | --- | --- | --- |", *rows,
+        *(f"\n\nProfile of one batch, {k}:\n\n{v}" for k, v in r.get("profiles", {}).items())])
 
 
 def main() -> None:
     parser = sampler_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=5)
     parser.add_argument("--backends", nargs="+", default=["official", "torch", "onnxruntime"])
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one batch per variant (torch.profiler, top operators)")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out, f"sampler_{args.preset}_{args.device.split(':')[0]}_{args.dtype}", result,

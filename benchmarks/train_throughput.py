@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from common import profile_table
 from data.shapes.corpus import ShapesParams, build_shapes_corpus
 from flows.train.config import TrainConfig
 from flows.train.trainer import Trainer
@@ -85,6 +86,9 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
         times.append(time.perf_counter() - start)
         trainer.step += 1
     seconds = sum(times) / len(times)
+    if args.profile:
+        profile = profile_table(trainer.train_step, args.device)
+        trainer.step += 1
     name = device_name(args.device)
     peak = peak_flops(name) if args.device.startswith("cuda") else None
     result = {
@@ -96,6 +100,8 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
         "achieved_tflops": flops_per_step / seconds / 1e12,
         "mfu": (flops_per_step / seconds / peak) if peak else None,
     }
+    if args.profile:
+        result["profile"] = profile
     if args.device.startswith("cuda"):
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -114,6 +120,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per stage (torch.profiler, top operators)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -138,6 +146,7 @@ def main() -> None:
                      f"{r['stage']} | {args.rows} x {args.max_len} | {r['tokens_per_s']:.0f} | "
                      f"{r['images_per_s']:.1f} | {r['seconds_per_step']:.3f} | "
                      f"{r['tflops_per_step']:.3f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    lines += [f"\nProfile of one stage-{r['stage']} step:\n\n{r['profile']}" for r in results if "profile" in r]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

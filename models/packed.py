@@ -98,13 +98,17 @@ class PackedObjective(torch.nn.Module):
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
                 gen_pixels=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         latents = repa = None
-        if gen_pixels is not None and len(gen_pixels):
-            latents = self.model.encode_images(gen_pixels).float()
-            if self.repa_weight > 0:
-                repa = self.model.repa_target(gen_pixels)
         device = input_ids.device
+        # The frozen VAE and REPA encoder run under the same autocast as the rest: in fp32 (matmuls
+        # and convolutions at a fraction of the bf16 rate) a 1.3B stage-2 step on an H200 took
+        # 1.057 s instead of 0.906 s.
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
+            if gen_pixels is not None and len(gen_pixels):
+                with torch.no_grad():
+                    latents = self.model.encode_images(gen_pixels).float()
+                if self.repa_weight > 0:
+                    repa = self.model.repa_target(gen_pixels)
             return packed_losses(self.model, input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, roles=roles, labels=labels,
                                  und_pixels=und_pixels, latents=latents, repa_target=repa,

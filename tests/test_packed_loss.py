@@ -89,3 +89,31 @@ def test_gradients_reach_every_trainable_part(tiny_copy):
         param = dict(model.named_parameters())[name]
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.vae.parameters())
+
+
+def test_frozen_encoders_run_under_the_objectives_autocast(tiny_copy):
+    """With bf16 autocast the frozen VAE encode and the REPA target run in bf16 too (in fp32 they made a
+    1.3B stage-2 step on an H200 17% slower); without autocast everything stays fp32."""
+    from models.packed import PackedObjective
+
+    model, proc = tiny_copy.model, tiny_copy.processor
+    samples = _samples(proc, model.config)
+    inputs, batch = _inputs(model, samples, [[0, 1], [2, 3]], 160, proc.pad_id)
+    gen_pixels = torch.stack([s.image for s in samples if s.kind == "gen"])
+    seen = {}
+
+    def record(name):
+        return lambda module, args, out: seen.setdefault(name, set()).add(out.dtype)
+
+    hooks = [model.vae.encoder.conv_in.register_forward_hook(record("vae")),
+             model.vision.embeddings.patch_embedding.register_forward_hook(record("siglip"))]
+    try:
+        for dtype, expect in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+            seen.clear()
+            out = PackedObjective(model, autocast_dtype=dtype)(**inputs, gen_pixels=gen_pixels,
+                                                               generator=torch.Generator().manual_seed(0))
+            assert seen == {"vae": {expect}, "siglip": {expect}}  # SigLIP: REPA target and und images
+            assert torch.isfinite(out["loss"]) and out["rf"].dtype == torch.float32
+    finally:
+        for h in hooks:
+            h.remove()

@@ -13,6 +13,7 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,10 +27,12 @@ from flows.train.config import TrainConfig
 from flows.train.distributed import (apply_activation_checkpointing, apply_compile, full, init_world,
                                      local, parallelize)
 from flows.train.samples import write_samples
-from flows.train.tracking import Tracker
 from models.checkpoint import from_pretrained
 from models.packed import PackedObjective
 from models.pipeline import JanusFlowPipeline
+
+if TYPE_CHECKING:  # MLflow is imported by run() only: stepping a Trainer (benchmarks) needs none
+    from flows.train.tracking import Tracker
 
 NEW_PARTS = ("und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner", "gen_dec_norm",
              "gen_dec_aligner", "gen_decoder", "repa_head")
@@ -118,6 +121,8 @@ class Trainer:
         cfg, main = self.cfg, self.world.main
         tracker = log = None
         if main:
+            from flows.train.tracking import Tracker
+
             self.out.mkdir(parents=True, exist_ok=True)
             tracker = Tracker(cfg, run_id=self.run_id, parent_run_id=self.parent_run_id,
                               tags={"data_version": self.data_version,

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of the training and serving issues, in one call on a CUDA machine:
+#
+#   bash benchmarks/gpu.sh [OUT]         # results (JSON + markdown) and logs under OUT
+#
+# 1. the device's bf16 matrix-product rate (8192^3, the ceiling MFU is read against);
+# 2. benchmarks/sampler.py at the 1.3B preset in bf16: the official demo's loop vs our sampler
+#    (batch 8, 30 steps, CFG 2, random weights);
+# 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU);
+# 4. the sampler again with the torch.compile backend, last, since compiling may take minutes.
+# Each step has its own time limit, so a slow step loses its own numbers only. Python packages the
+# machine lacks (diffusers) are installed from wheels in .whl/ when that folder exists.
+set -uo pipefail
+OUT=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| diffusers', diffusers.__version__)"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+}
+
+step matmul 60 python3 -c "
+import torch, time
+a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(20): a @ b
+torch.cuda.synchronize(); s = (time.perf_counter() - t) / 20
+print(f'bf16 8192^3 matmul: {2 * 8192**3 / s / 1e12:.0f} TFLOP/s')"
+step sampler ${SAMPLER_LIMIT:-240} python3 benchmarks/sampler.py --preset janusflow-1.3b --device cuda \
+    --dtype bf16 --backends official torch --repeats 5 --out "$OUT"
+step train ${TRAIN_LIMIT:-240} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
+    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --out "$OUT"
+step sampler_compile ${COMPILE_LIMIT:-180} python3 benchmarks/sampler.py --preset janusflow-1.3b \
+    --device cuda --dtype bf16 --backends official torch-compile --repeats 3 --out "$OUT/compile"
