@@ -73,6 +73,21 @@ def test_resume_gives_the_same_losses(train_env, tmp_path):
     assert a[0]["mix_gen"] == pytest.approx(0.5, abs=0.25)  # the opening 30:50:20 phase
 
 
+def test_prefetching_batches_changes_no_loss(train_env, tmp_path):
+    """Batches built on the prefetch thread (the default) train exactly as batches built in the loop,
+    with several micro-batches per step."""
+    runs = {}
+    for depth in (0, 3):
+        cfg = _cfg(train_env, tmp_path / f"prefetch{depth}", steps=4, grad_accum=2, prefetch=depth,
+                   sample_prompts=0, sample_questions=0)
+        Trainer(cfg, progress=False).run()
+        runs[depth] = _losses(tmp_path / f"prefetch{depth}")
+    assert len(runs[0]) == len(runs[3]) == 4
+    for x, y in zip(runs[0], runs[3]):
+        for k in ("loss", "ar", "rf", "repa", "grad_norm", "mix_gen", "packing_efficiency"):
+            assert x[k] == y[k], (x["step"], k)
+
+
 def test_a_crash_mid_save_leaves_no_valid_looking_checkpoint(train_env, tmp_path, monkeypatch):
     cfg = _cfg(train_env, tmp_path / "crash", steps=4, save_every=2)
     trainer = Trainer(cfg, progress=False)

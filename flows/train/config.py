@@ -74,6 +74,7 @@ class TrainConfig:
     rows: int = 2                  # packed sequences per micro-batch
     max_len: int = 1024
     grad_accum: int = 1
+    prefetch: int = 2              # batches built ahead on a background thread (0: in the loop)
     ema: float = 0.99
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -110,7 +111,7 @@ class TrainConfig:
                      "keep_checkpoints", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "sample_prompts", "sample_questions"):
+        for name in ("eval_every", "sample_prompts", "sample_questions", "prefetch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.prefetch import PrefetchStream
 from data.shards import read_manifest
 from data.stages import stage_data
 from data.stream import Mixer, PackedStream, SequenceSource
@@ -109,6 +110,9 @@ class Trainer:
                                 caption_prob=settings["caption_prob"], seed=cfg.seed)
         self.stream = PackedStream(source, Mixer(settings["mix"], source.sizes(), seed=cfg.seed),
                                    rows=cfg.rows, max_len=cfg.max_len)
+        if cfg.prefetch:
+            self.stream = PrefetchStream(self.stream, per_step=cfg.grad_accum * self.world.size,
+                                         depth=cfg.prefetch, prepare=self._prepare)
         self.data_version = read_manifest(cfg.corpus)["hash"]
         self.step = 0
         self.run_id = None
@@ -160,6 +164,8 @@ class Trainer:
                 tracker.finish(self.out, status="FAILED")
             raise
         finally:
+            if isinstance(self.stream, PrefetchStream):
+                self.stream.close()
             bar.close()
             if log:
                 log.close()
@@ -175,14 +181,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         accum = cfg.grad_accum
         for m in range(accum * world.size):
-            batch, stats = self.stream.next_batch(self.step)  # every rank walks the same stream
+            # every rank walks the same stream and keeps its own micro-batches
+            if isinstance(self.stream, PrefetchStream):
+                batch, stats, host = self.stream.next_prepared(self.step)
+            else:
+                batch, stats = self.stream.next_batch(self.step)
+                host = self._prepare(m, batch)
             if m // accum != world.rank:
                 continue
             last = m % accum == accum - 1
             gen = torch.Generator().manual_seed(micro_seed(cfg.seed, self.step, m))
             sync = nullcontext() if last or not hasattr(self.objective, "no_sync") else self.objective.no_sync()
             with sync:
-                out = self.objective(**self._inputs(batch), generator=gen)
+                out = self.objective(**self._to_device(host), generator=gen)
                 if world.any(not bool(torch.isfinite(out["loss"]))):
                     terms = ", ".join(f"{k}={float(out[k]):.4g}" for k in ("ar", "rf", "repa") if k in out)
                     raise TrainError(f"step {self.step + 1}: non-finite loss "
@@ -225,13 +236,20 @@ class Trainer:
                 metrics[f"rf_t{T_BINS[b]:.2f}-{T_BINS[b + 1]:.2f}"] = sums[f"rf_bin{b}"] / sums[f"n_rf_bin{b}"]
         return metrics
 
-    def _inputs(self, batch) -> dict:
-        dev = self.device
-        return dict(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
-                    attention_mask=batch.attention_mask().to(dev), roles=batch.roles.to(dev),
-                    labels=batch.labels.to(dev),
-                    und_pixels=None if batch.und_pixels is None else batch.und_pixels.to(dev),
-                    gen_pixels=None if batch.gen_pixels is None else batch.gen_pixels.to(dev))
+    def _prepare(self, index: int, batch) -> dict | None:
+        """The model inputs of micro-batch `index` of a step as host tensors (pinned for a GPU), or
+        None where another rank trains on it; runs on the prefetch thread when there is one."""
+        if index // self.cfg.grad_accum != self.world.rank:
+            return None
+        host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                    attention_mask=batch.attention_mask(), roles=batch.roles, labels=batch.labels,
+                    und_pixels=batch.und_pixels, gen_pixels=batch.gen_pixels)
+        if self.device.type == "cuda":
+            host = {k: None if v is None else v.pin_memory() for k, v in host.items()}
+        return host
+
+    def _to_device(self, host: dict) -> dict:
+        return {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in host.items()}
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
