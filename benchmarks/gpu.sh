@@ -6,8 +6,13 @@
 # 1. the device's bf16 matrix-product rate (8192^3, the ceiling MFU is read against);
 # 2. benchmarks/sampler.py at the 1.3B preset in bf16: the official demo's loop vs our sampler
 #    (batch 8, 30 steps, CFG 2, random weights);
-# 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU);
-# 4. the sampler again with the torch.compile backend, last, since compiling may take minutes.
+# 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU),
+#    eager and then with torch.compile per transformer block (config `compile: true`);
+# 4. the sampler again with the torch.compile backend, last: on 2026-11-30 its whole-graph compile
+#    had not finished after 210 s on an H200.
+# The limits fit one call in a session's 15 device minutes (machine start ~30 s); the reply of the
+# device tool carries only the output's tail and at most 8 files, so pack OUT afterwards, e.g.
+#   bash benchmarks/gpu.sh /tmp/res; tar -C /tmp/res -cf $OUT/results.tar .
 # Each step has its own time limit, so a slow step loses its own numbers only. Python packages the
 # machine lacks (diffusers) are installed from wheels in .whl/ when that folder exists.
 set -uo pipefail
@@ -34,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
     echo "== $name: exit $rc after $((SECONDS - start))s"
 }
 
-step matmul 60 python3 -c "
+step matmul 30 python3 -c "
 import torch, time
 a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
 for _ in range(3): a @ b
@@ -42,9 +47,12 @@ torch.cuda.synchronize(); t = time.perf_counter()
 for _ in range(20): a @ b
 torch.cuda.synchronize(); s = (time.perf_counter() - t) / 20
 print(f'bf16 8192^3 matmul: {2 * 8192**3 / s / 1e12:.0f} TFLOP/s')"
-step sampler ${SAMPLER_LIMIT:-240} python3 benchmarks/sampler.py --preset janusflow-1.3b --device cuda \
+step sampler ${SAMPLER_LIMIT:-120} python3 benchmarks/sampler.py --preset janusflow-1.3b --device cuda \
     --dtype bf16 --backends official torch --repeats 5 --out "$OUT"
-step train ${TRAIN_LIMIT:-240} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
-    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --out "$OUT"
-step sampler_compile ${COMPILE_LIMIT:-180} python3 benchmarks/sampler.py --preset janusflow-1.3b \
+step train ${TRAIN_LIMIT:-120} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
+    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --profile --out "$OUT"
+step train_compile ${TRAIN_COMPILE_LIMIT:-150} python3 benchmarks/train_throughput.py --preset janusflow-1.3b \
+    --stages 2 --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --compile \
+    --out "$OUT/compile"
+step sampler_compile ${COMPILE_LIMIT:-150} python3 benchmarks/sampler.py --preset janusflow-1.3b \
     --device cuda --dtype bf16 --backends official torch-compile --repeats 3 --out "$OUT/compile"
