@@ -166,6 +166,26 @@ def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
 
+def test_lr_schedule_warms_up_then_holds_or_decays(train_env, tmp_path):
+    """Warm-up then constant (the paper's), or a linear decay to final_lr x lr at the last step; the
+    optimizer really steps with those values."""
+    constant = TrainConfig(stage="2", lr=1e-3, steps=10, warmup=4)
+    assert [constant.lr_factor(s) for s in range(10)] == [0.25, 0.5, 0.75] + [1.0] * 7
+    decay = TrainConfig(stage="2", lr=1e-3, steps=10, warmup=4, final_lr=0.1)
+    factors = [decay.lr_factor(s) for s in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors[3:], factors[4:]))  # strictly decreasing after warm-up
+    cfg = _cfg(train_env, tmp_path / "decay", steps=4, warmup=1, final_lr=0.0, lr=1e-3,
+               sample_prompts=0, sample_questions=0)
+    trainer = Trainer(cfg, progress=False)
+    seen = []
+    for _ in range(4):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.train_step()
+        trainer.step += 1
+    assert seen == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3, 0.0])
+
+
 def test_config_errors_name_the_field(train_env, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown training config key"):
         TrainConfig.from_dict({"learning_rat": 1e-4})
@@ -173,6 +193,8 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig.from_dict({"steps": "ten"})
     with pytest.raises(ConfigError, match="lr must be positive"):
         TrainConfig(lr=-1.0).validate(check_paths=False)
+    with pytest.raises(ConfigError, match=r"final_lr must be in \[0, 1\]"):
+        TrainConfig(final_lr=1.5).validate(check_paths=False)
     with pytest.raises(ConfigError, match="init: no model directory"):
         TrainConfig(init=str(tmp_path / "none"), corpus=str(train_env / "corpus")).validate()
     bad = tmp_path / "bad.yaml"

@@ -68,6 +68,8 @@ class TrainConfig:
     steps: int = 100
     lr: float | None = None        # None: the stage's default
     warmup: int | None = None
+    final_lr: float = 1.0          # LR at the last step as a fraction of lr, reached linearly after
+                                   # the warm-up (1.0: constant, the paper's schedule)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -104,6 +106,18 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return STAGE_WARMUP[self.stage] if self.warmup is None else self.warmup
 
+    def lr_factor(self, step: int) -> float:
+        """The LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or a
+        linear decay to `final_lr` at the last step."""
+        warm = self.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        if self.final_lr == 1.0:
+            return 1.0
+        peak = max(0, warm - 1)  # the step at full lr, from which the decay starts
+        span = max(1, self.steps - 1 - peak)
+        return 1.0 - (1.0 - self.final_lr) * min(1.0, (step - peak) / span)
+
     def validate(self, *, check_paths: bool = True) -> "TrainConfig":
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
@@ -116,6 +130,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"lr must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.final_lr <= 1.0:
+            raise ConfigError(f"final_lr must be in [0, 1] (a fraction of lr), got {self.final_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.ema < 1.0:

@@ -96,9 +96,7 @@ class Trainer:
         self.params = {n: params[n] for n in self.names}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warm = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
         settings = stage_data(cfg.stage, **cfg.data)
         conf = self.model.config
