@@ -26,26 +26,35 @@ class _Item:
 
 
 class PrefetchStream:
-    """next_batch(step) of `stream` for `per_step` batches per step, `depth` batches ahead.
+    """next_batch(step) of `stream` for `per_step` batches per step, `depth` batches ahead (0: no
+    thread, each batch is built by the call that asks for it).
 
-    `prepare(index_in_step, batch)` runs on the thread for each batch (e.g. making the attention
-    mask and pinning host memory) and its result comes back from next_prepared(). Errors raised on
-    the thread are raised again by the call that would have returned that batch."""
+    `prepare(index_in_step, batch)` runs where the batch is built (e.g. making the attention mask
+    and pinning host memory) and its result comes back from next_prepared(). Errors raised on the
+    thread are raised again by the call that would have returned that batch."""
 
     def __init__(self, stream, *, per_step: int, depth: int = 2,
                  prepare: Callable[[int, Any], Any] | None = None):
-        if depth < 1:
-            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.stream, self.per_step, self.depth = stream, per_step, depth
         self.prepare = prepare or (lambda index, batch: None)
         self._state = copy.deepcopy(stream.state_dict())
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._position = (-1, per_step - 1)  # (step, index) of the last batch handed out
 
     # -- consumer side ------------------------------------------------------------------------------
     def next_prepared(self, step: int) -> tuple[Any, dict, Any]:
         """(batch, stats, prepared) of the next batch, which must belong to optimizer step `step`."""
+        if self.depth == 0:
+            last_step, last_index = self._position
+            index = last_index + 1 if step == last_step else 0
+            item = self._build(step, index)
+            self._position = (step, index)
+            self._state = item.state
+            return item.batch, item.stats, item.prepared
         if self._thread is None:
             self._start(step)
         item = self._queue.get()
@@ -97,14 +106,15 @@ class PrefetchStream:
         try:
             while not stop.is_set():
                 for index in range(self.per_step):
-                    batch, stats = self.stream.next_batch(step)
-                    item = _Item(step, batch, stats, copy.deepcopy(self.stream.state_dict()),
-                                 self.prepare(index, batch))
-                    if not self._put(item, stop):
+                    if not self._put(self._build(step, index), stop):
                         return
                 step += 1
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc, stop)
+
+    def _build(self, step: int, index: int) -> _Item:
+        batch, stats = self.stream.next_batch(step)
+        return _Item(step, batch, stats, copy.deepcopy(self.stream.state_dict()), self.prepare(index, batch))
 
     def _put(self, item, stop: threading.Event) -> bool:
         while not stop.is_set():

@@ -35,18 +35,19 @@ def test_prefetched_batches_and_states_equal_the_plain_streams(shapes_corpus, sh
     for step in _steps(4, 2):
         batch, stats = plain.next_batch(step)
         expected.append((batch, stats, json.loads(json.dumps(plain.state_dict()))))
-    prepared_by = []
-    pre = PrefetchStream(_stream(shapes_corpus, shapes_processor), per_step=2, depth=3,
-                         prepare=lambda i, b: prepared_by.append(i) or b.input_ids.sum())
-    try:
-        for (batch, stats, state), step in zip(expected, _steps(4, 2)):
-            got, got_stats, prepared = pre.next_prepared(step)
-            assert _same(got, batch) and got_stats == stats
-            assert int(prepared) == int(batch.input_ids.sum())
-            assert json.loads(json.dumps(pre.state_dict())) == state  # as of the batches handed out
-        assert prepared_by[:8] == [0, 1] * 4
-    finally:
-        pre.close()
+    for depth in (3, 0):  # on the thread, and built by the call itself
+        prepared_by = []
+        pre = PrefetchStream(_stream(shapes_corpus, shapes_processor), per_step=2, depth=depth,
+                             prepare=lambda i, b: prepared_by.append(i) or b.input_ids.sum())
+        try:
+            for (batch, stats, state), step in zip(expected, _steps(4, 2)):
+                got, got_stats, prepared = pre.next_prepared(step)
+                assert _same(got, batch) and got_stats == stats
+                assert int(prepared) == int(batch.input_ids.sum())
+                assert json.loads(json.dumps(pre.state_dict())) == state  # as of the batches handed out
+            assert prepared_by[:8] == [0, 1] * 4
+        finally:
+            pre.close()
 
 
 def test_close_rewinds_what_was_built_ahead_and_load_resumes(shapes_corpus, shapes_processor):
@@ -101,4 +102,4 @@ def test_steps_must_be_consecutive(shapes_corpus, shapes_processor):
     with pytest.raises(RuntimeError, match="steps must be consecutive"):
         pre.next_batch(1)  # step 0 has a second batch
     with pytest.raises(ValueError, match="depth"):
-        PrefetchStream(_stream(shapes_corpus, shapes_processor), per_step=1, depth=0)
+        PrefetchStream(_stream(shapes_corpus, shapes_processor), per_step=1, depth=-1)

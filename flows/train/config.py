@@ -112,8 +112,6 @@ class TrainConfig:
         warm = self.warmup_steps
         if step < warm:
             return (step + 1) / warm
-        if self.final_lr == 1.0:
-            return 1.0
         peak = max(0, warm - 1)  # the step at full lr, from which the decay starts
         span = max(1, self.steps - 1 - peak)
         return 1.0 - (1.0 - self.final_lr) * min(1.0, (step - peak) / span)

@@ -106,11 +106,10 @@ class Trainer:
                                 und_template=settings["und_template"],
                                 cfg_dropout=settings["cfg_dropout"],
                                 caption_prob=settings["caption_prob"], seed=cfg.seed)
-        self.stream = PackedStream(source, Mixer(settings["mix"], source.sizes(), seed=cfg.seed),
-                                   rows=cfg.rows, max_len=cfg.max_len)
-        if cfg.prefetch:
-            self.stream = PrefetchStream(self.stream, per_step=cfg.grad_accum * self.world.size,
-                                         depth=cfg.prefetch, prepare=self._prepare)
+        self.stream = PrefetchStream(
+            PackedStream(source, Mixer(settings["mix"], source.sizes(), seed=cfg.seed), rows=cfg.rows,
+                         max_len=cfg.max_len),
+            per_step=cfg.grad_accum * self.world.size, depth=cfg.prefetch, prepare=self._prepare)
         self.data_version = read_manifest(cfg.corpus)["hash"]
         self.step = 0
         self.run_id = None
@@ -162,8 +161,7 @@ class Trainer:
                 tracker.finish(self.out, status="FAILED")
             raise
         finally:
-            if isinstance(self.stream, PrefetchStream):
-                self.stream.close()
+            self.stream.close()
             bar.close()
             if log:
                 log.close()
@@ -180,11 +178,7 @@ class Trainer:
         accum = cfg.grad_accum
         for m in range(accum * world.size):
             # every rank walks the same stream and keeps its own micro-batches
-            if isinstance(self.stream, PrefetchStream):
-                batch, stats, host = self.stream.next_prepared(self.step)
-            else:
-                batch, stats = self.stream.next_batch(self.step)
-                host = self._prepare(m, batch)
+            batch, stats, host = self.stream.next_prepared(self.step)
             if m // accum != world.rank:
                 continue
             last = m % accum == accum - 1
