@@ -31,13 +31,15 @@ def _scatter(embeds_BTD: torch.Tensor, where_BT: torch.Tensor, values_KMD: torch
 def packed_losses(model, *, input_ids, position_ids, attention_mask, roles, labels,
                   und_pixels=None, latents=None, repa_target=None, t=None, noise=None,
                   generator: torch.Generator | None = None, repa_weight: float = 1.0,
-                  ar_weight: float = 1.0, rf_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                  ar_weight: float = 1.0, rf_weight: float = 1.0, t_mean: float = 0.0,
+                  t_std: float = 1.0) -> dict[str, torch.Tensor]:
     """AR + RF + REPA of a packed batch.
 
     input_ids, position_ids, roles, labels: (B, T); attention_mask: (B, 1, T, T) bool;
     und_pixels: (M, 3, S, S) in token order; latents: (G, C_lat, h, w) scaled VAE latents of the
     generation samples in token order; repa_target: (G, N_gen, D_enc) stop-grad f_enc features.
-    t (G,) and noise (G, C_lat, h, w) default to logit-normal times and Gaussian noise.
+    t (G,) and noise (G, C_lat, h, w) default to logit-normal times sigmoid(N(t_mean, t_std)) and
+    Gaussian noise.
     Returns loss plus detached terms, the AR token count, and per-sample rf (G,) for t-bins.
     """
     embeds = model.embed_tokens(input_ids)
@@ -52,7 +54,7 @@ def packed_losses(model, *, input_ids, position_ids, attention_mask, roles, labe
             raise ValueError(f"the batch has {g} generation samples but latents for "
                              f"{0 if latents is None else latents.shape[0]}")
         if t is None:
-            t = flow.sample_t(g, generator=generator).to(device)
+            t = flow.sample_t(g, generator=generator, mean=t_mean, std=t_std).to(device)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
         z_t = flow.interpolate(latents, noise, t)
@@ -91,9 +93,11 @@ class PackedObjective(torch.nn.Module):
     the noise. autocast_dtype: e.g. torch.bfloat16 on GPU; None runs in the weights' dtype.
     """
 
-    def __init__(self, model, *, repa_weight: float = 1.0, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, *, repa_weight: float = 1.0, autocast_dtype: torch.dtype | None = None,
+                 t_mean: float = 0.0, t_std: float = 1.0):
         super().__init__()
         self.model, self.repa_weight, self.autocast_dtype = model, repa_weight, autocast_dtype
+        self.t_mean, self.t_std = t_mean, t_std
 
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
                 gen_pixels=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -112,4 +116,5 @@ class PackedObjective(torch.nn.Module):
             return packed_losses(self.model, input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, roles=roles, labels=labels,
                                  und_pixels=und_pixels, latents=latents, repa_target=repa,
-                                 generator=generator, repa_weight=self.repa_weight)
+                                 generator=generator, repa_weight=self.repa_weight,
+                                 t_mean=self.t_mean, t_std=self.t_std)

@@ -77,6 +77,20 @@ def test_packed_losses_equal_per_sample_losses(tiny_copy):
         assert abs(float(out["loss"].detach()) - total) < 1e-5
 
 
+def test_rf_times_follow_the_configured_logit_normal(tiny_copy):
+    """t = sigmoid(N(t_mean, t_std)) drawn first from the step's generator; t_mean < 0 leans to noise."""
+    model, proc = tiny_copy.model, tiny_copy.processor
+    samples = _samples(proc, model.config)
+    inputs, _ = _inputs(model, samples, [[0, 1, 2, 3]], 400, proc.pad_id)
+    latents = model.encode_images(torch.stack([s.image for s in samples if s.kind == "gen"]))
+    for mean, std in ((0.0, 1.0), (-1.5, 0.5)):
+        with torch.no_grad():
+            out = packed_losses(model, **inputs, latents=latents, t_mean=mean, t_std=std,
+                                generator=torch.Generator().manual_seed(7))
+        u = torch.randn(2, generator=torch.Generator().manual_seed(7))
+        assert torch.allclose(out["t"], torch.sigmoid(u * std + mean))
+
+
 def test_gradients_reach_every_trainable_part(tiny_copy):
     model, proc = tiny_copy.model, tiny_copy.processor
     samples = _samples(proc, model.config)

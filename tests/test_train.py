@@ -49,7 +49,7 @@ def test_stage_one_moves_only_new_parts(train_env, tmp_path):
             assert not changed, n
     assert not torch.equal(before["gen_decoder.out_proj.weight"], trainer.model.gen_decoder.out_proj.weight)
     ema_model, _ = from_pretrained(tmp_path / "s1" / "model")
-    # the exported model carries the EMA weights: 0.99 of the start plus 1% of each step
+    # the exported model carries the EMA weights, which keep part of the start (decay 0.18, 0.25)
     w0 = before["gen_decoder.out_proj.weight"]
     assert not torch.equal(ema_model.gen_decoder.out_proj.weight, trainer.model.gen_decoder.out_proj.weight)
     assert (ema_model.gen_decoder.out_proj.weight - w0).abs().max() < \
@@ -186,6 +186,24 @@ def test_lr_schedule_warms_up_then_holds_or_decays(train_env, tmp_path):
     assert seen == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3, 0.0])
 
 
+def test_ema_warms_up_then_holds_the_configured_decay(train_env, tmp_path):
+    """Decay min(ema, (1 + n) / (10 + n)) after update n, so a short stage's EMA is not mostly its
+    starting weights (with a flat 0.99, 100 steps would keep 37% of them); the trainer applies it."""
+    cfg = TrainConfig(stage="1", ema=0.99)
+    assert [round(cfg.ema_decay(s), 4) for s in (0, 1, 7, 99)] == [0.1818, 0.25, 0.5, 0.9182]
+    assert cfg.ema_decay(5000) == 0.99 and TrainConfig(ema=0.5).ema_decay(100) == 0.5
+    trainer = Trainer(_cfg(train_env, tmp_path / "ema", stage="1", steps=3, sample_prompts=0,
+                           sample_questions=0), progress=False)
+    name = "gen_decoder.out_proj.weight"
+    expect = trainer.params[name].detach().clone()
+    for step in range(3):
+        trainer.train_step()
+        d = trainer.cfg.ema_decay(step)
+        expect = d * expect + (1 - d) * trainer.params[name].detach()
+        trainer.step += 1
+        assert torch.allclose(trainer.ema[name], expect, atol=1e-7)
+
+
 def test_config_errors_name_the_field(train_env, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown training config key"):
         TrainConfig.from_dict({"learning_rat": 1e-4})
@@ -195,6 +213,8 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(lr=-1.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match=r"final_lr must be in \[0, 1\]"):
         TrainConfig(final_lr=1.5).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="t_std must be positive"):
+        TrainConfig(t_std=0.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="init: no model directory"):
         TrainConfig(init=str(tmp_path / "none"), corpus=str(train_env / "corpus")).validate()
     bad = tmp_path / "bad.yaml"

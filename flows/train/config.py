@@ -77,7 +77,10 @@ class TrainConfig:
     max_len: int = 1024
     grad_accum: int = 1
     prefetch: int = 2              # batches built ahead on a background thread (0: in the loop)
-    ema: float = 0.99
+    ema: float = 0.99              # EMA decay; step n uses min(ema, (1 + n) / (10 + n)), a warm-up
+                                   # so a short stage's EMA is not mostly its initial weights
+    t_mean: float = 0.0            # RF times: sigmoid(N(t_mean, t_std)), SD3's logit-normal; t = 0 is
+    t_std: float = 1.0             # noise, so t_mean < 0 trains more on the noisy end
     save_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -105,6 +108,10 @@ class TrainConfig:
     @property
     def warmup_steps(self) -> int:
         return STAGE_WARMUP[self.stage] if self.warmup is None else self.warmup
+
+    def ema_decay(self, step: int) -> float:
+        """The EMA decay applied after optimizer step `step` (0-based)."""
+        return min(self.ema, (2 + step) / (11 + step))
 
     def lr_factor(self, step: int) -> float:
         """The LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or a
@@ -134,6 +141,8 @@ class TrainConfig:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.t_std > 0:
+            raise ConfigError(f"t_std must be positive, got {self.t_std}")
         if self.grad_clip <= 0 or self.weight_decay < 0 or self.repa_weight < 0:
             raise ConfigError("grad_clip must be positive, weight_decay and repa_weight >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -87,7 +87,8 @@ class Trainer:
         if cfg.compile:
             apply_compile(self.model)
         bf16 = cfg.dtype == "bf16" and self.device.type == "cuda"
-        objective = PackedObjective(self.model, repa_weight=cfg.repa_weight,
+        objective = PackedObjective(self.model, repa_weight=cfg.repa_weight, t_mean=cfg.t_mean,
+                                    t_std=cfg.t_std,
                                     autocast_dtype=torch.bfloat16 if bf16 else None)
         self.objective = parallelize(objective, mode=cfg.parallel, world=self.world,
                                      device=self.device, bf16=bf16)
@@ -210,7 +211,8 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             torch._foreach_lerp_([local(e) for e in self.ema.values()],
-                                 [local(p).detach().float() for p in self.params.values()], 1 - cfg.ema)
+                                 [local(p).detach().float() for p in self.params.values()],
+                                 1 - cfg.ema_decay(self.step))
         for b in range(len(T_BINS) - 1):
             values = rf_bins.get(b, [])
             sums[f"rf_bin{b}"], sums[f"n_rf_bin{b}"] = sum(values), len(values)
