@@ -110,8 +110,9 @@ class TrainConfig:
         return STAGE_WARMUP[self.stage] if self.warmup is None else self.warmup
 
     def ema_decay(self, step: int) -> float:
-        """The EMA decay applied after optimizer step `step` (0-based)."""
-        return min(self.ema, (2 + step) / (11 + step))
+        """The EMA decay applied after optimizer step `step` (0-based), i.e. update n = step + 1."""
+        n = step + 1
+        return min(self.ema, (1 + n) / (10 + n))
 
     def lr_factor(self, step: int) -> float:
         """The LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or a
