@@ -67,19 +67,25 @@ class PackedBatch:
         """Real tokens / capacity (B x T)."""
         return self.real_tokens / self.segment_ids.numel()
 
-    def attention_mask(self) -> torch.Tensor:
-        return block_causal_mask(self.segment_ids, self.visible)
+    def attention_mask(self, *, full_image: bool = False) -> torch.Tensor:
+        """full_image: a generation sample's z tokens see each other (gen.image_attention 'full')."""
+        return block_causal_mask(self.segment_ids, self.visible,
+                                 together=self.roles == GEN_IMAGE if full_image else None)
 
 
-def block_causal_mask(segment_ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def block_causal_mask(segment_ids: torch.Tensor, visible: torch.Tensor,
+                      together: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) segments + key visibility -> (B, 1, T, T) bool, True where query i may attend key j.
 
     i attends j iff both are in the same sample, j <= i and j is visible; every token also
     attends itself, so no query row is empty (padding and dropped tokens see only themselves).
+    Tokens marked in `together` (B, T) also see the later ones of their sample so marked.
     """
     t = segment_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
+    if together is not None:
+        causal = causal | (together[:, :, None] & together[:, None, :])
     mask = same & causal & visible[:, None, :]
     mask |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
     return mask[:, None]

@@ -84,6 +84,12 @@ class GenConfig:
     mlp_ratio: int = 4
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    # How a generation sample's image tokens attend to each other: "causal" as in JanusFlow (the
+    # LLM's own mask), or "full" (each sees the whole noisy image, as a diffusion transformer does).
+    image_attention: str = "causal"
+    # g_dec reads g_enc's map (the skip) beside the LLM's output, as in JanusFlow; False gives it
+    # zeros there, so all it knows of z_t comes through the LLM, which also carries the prompt.
+    skip: bool = True
 
 
 @dataclass
@@ -143,6 +149,8 @@ class JanusFlowConfig:
              "vision.hidden_size must be divisible by vision.num_attention_heads"),
             (all(c % self.vae.norm_num_groups == 0 for c in self.vae.block_out_channels),
              "vae.block_out_channels must all be multiples of vae.norm_num_groups"),
+            (self.gen.image_attention in ("causal", "full"),
+             f"gen.image_attention must be 'causal' or 'full', got {self.gen.image_attention!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -54,6 +54,30 @@ def vae_from_config(cfg: JanusFlowConfig) -> AutoencoderKL:
     )
 
 
+def generation_mask(prompt_mask: torch.Tensor, m: int, *, full_image: bool) -> torch.Tensor:
+    """Attention mask of right-padded prompts (B, P) followed by m new tokens [t_emb, z tokens].
+
+    causal: the flat (B, P + m) key mask; the LLM adds its causal mask itself. full: a
+    (B, 1, P + m, P + m) bool mask, causal except that the z tokens all see each other (the t_emb
+    token still sees only what precedes it). Keep the last m query rows when the prompt is cached.
+    """
+    b = prompt_mask.shape[0]
+    p = prompt_mask.shape[1]
+    flat = torch.cat([prompt_mask, prompt_mask.new_ones(b, m)], dim=1)
+    if not full_image:
+        return flat
+    i = torch.arange(p + m, device=flat.device)
+    image = i > p  # z tokens: after the prompt and the t_emb slot
+    allowed = (i[None, :] <= i[:, None]) | (image[:, None] & image[None, :])
+    allowed = (allowed[None] & flat.bool()[:, None, :]) | (i[:, None] == i[None, :])[None]
+    return allowed[:, None]
+
+
+def after_cache(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """generation_mask's rows for the m new tokens when the prompt is cached."""
+    return mask if mask.dim() == 2 else mask[:, :, -m:]
+
+
 class JanusFlow(nn.Module):
     """The whole model. Components can be passed in already built (pretrained) or made from config.
 
@@ -182,6 +206,8 @@ class JanusFlow(nn.Module):
     def image_tokens(self, z_t: torch.Tensor, t_B: torch.Tensor):
         """g_enc + aligner: (B, C_lat, H, W), t in [0, 1] -> ((B, 1 + N, D) [t_emb, z tokens], skip, t_emb)."""
         z_map, t_emb, skip = self.gen_encoder(z_t, flow.model_time(t_B))
+        if not self.config.gen.skip:
+            skip = torch.zeros_like(skip)
         tokens = self.gen_enc_aligner(z_map.flatten(2).transpose(1, 2))
         return torch.cat([t_emb.unsqueeze(1).to(tokens.dtype), tokens], dim=1), skip, t_emb
 
@@ -206,11 +232,11 @@ class JanusFlow(nn.Module):
         b, m = x_new.shape[:2]
         p = prompt_mask.shape[1]
         new_pos = prompt_lengths.view(-1, 1) + torch.arange(m, device=x_new.device)
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, m)], dim=1)
+        mask = generation_mask(prompt_mask, m, full_image=self.config.gen.image_attention == "full")
         want_hidden = hidden_layer is not None
         if cache is not None:
-            out = self.llm.model(inputs_embeds=x_new, attention_mask=mask, position_ids=new_pos,
-                                 past_key_values=cache, use_cache=True,
+            out = self.llm.model(inputs_embeds=x_new, attention_mask=after_cache(mask, m),
+                                 position_ids=new_pos, past_key_values=cache, use_cache=True,
                                  output_hidden_states=want_hidden)
             cache.crop(-m)  # drop the image tokens again: the prefix is reused next step
         else:

@@ -24,7 +24,8 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 def test_evaluate_tiny_model_writes_every_metric(train_env, tmp_path):
     cfg = EvalConfig(corpus=str(train_env / "corpus"), images_per_prompt=2, steps=2, batch=8)
     metrics = evaluate(train_env / "init", cfg, report_dir=tmp_path / "report")
-    for key in ("geneval_overall", "geneval_unseen_overall", "vqa_accuracy", "fd_fenc"):
+    for key in ("geneval_overall", "geneval_unseen_overall", "vqa_accuracy", "fd_fenc", "prompt_gain",
+                "vqa_count_all"):
         assert key in metrics
     assert 0.0 <= metrics["geneval_overall"] <= 1.0 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
     assert metrics["fd_fenc"] > 0.0
@@ -68,3 +69,37 @@ def test_eval_bad_input_is_one_line(train_env, tmp_path, capsys):
         load_detector("nonsense")
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_detector("no_such_module:detect")
+
+
+def test_prompt_gain_is_zero_without_a_prompt_difference_and_reads_each_t(tiny_copy):
+    import torch
+
+    from conftest import randomize_
+    from flows.evaluate.diagnostics import GAIN_TIMES, prompt_gain_of
+
+    randomize_(tiny_copy.model)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    same = prompt_gain_of(tiny_copy, ["a red circle"] * 4, pixels)
+    assert set(same) == {"prompt_gain"} | {f"prompt_gain_t{t:.2f}" for t in GAIN_TIMES}
+    assert all(v == 0.0 for v in same.values())
+    prompts = ["a red circle", "two blue squares", "a green triangle above a square", "four circles"]
+    gain = prompt_gain_of(tiny_copy, prompts, pixels)
+    assert all(v != 0.0 and abs(v) < 1.0 for v in gain.values())  # a random model: small either way
+    assert gain == prompt_gain_of(tiny_copy, prompts, pixels)  # fixed t and noise: reproducible
+    assert gain["prompt_gain"] == pytest.approx(np.mean([gain[f"prompt_gain_t{t:.2f}"] for t in GAIN_TIMES]))
+
+
+def test_vqa_accuracy_per_question_kind():
+    from data.shapes.text import question_kind
+    from flows.evaluate.diagnostics import vqa_by_type
+
+    rows = [{"question": "How many objects are there?", "correct": True},
+            {"question": "How many circles are there?", "correct": False},
+            {"question": "How many squares are there?", "correct": True},
+            {"question": "What colour is the square?", "correct": True},
+            {"question": "What shape is the red object?", "correct": False},
+            {"question": "Is the red circle left of the blue square?", "correct": True},
+            {"question": "Describe the picture.", "correct": False}]
+    assert vqa_by_type(rows, question_kind) == {"vqa_count_all": 1.0, "vqa_count_shape": 0.5,
+                                                "vqa_colour_of": 1.0, "vqa_shape_of": 0.0,
+                                                "vqa_relation": 1.0}

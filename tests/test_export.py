@@ -230,3 +230,20 @@ def test_backend_errors_name_the_fix(pipe, exported):
         load_backend("tflite", export_dir=exported[0])
     with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
         OnnxRuntimeBackend(exported[0], providers=["CUDAExecutionProvider"])
+
+
+def test_full_image_attention_exports_and_keeps_parity(tmp_path):
+    p = JanusFlowPipeline.from_config("tiny", seed=0)
+    randomize_(p.model, seed=3)
+    p.model.config.gen.image_attention = "full"
+    out = tmp_path / "full"
+    manifest = export(p.model, p.processor, out, graphs=["velocity", "cfg_step"], source="test", progress=False)
+    assert set(manifest["graphs"]) == {"velocity", "cfg_step"}
+    assert all(e["max_abs_diff"] <= PARITY_ATOL for e in manifest["graphs"].values())
+    assert json.loads((out / "config.json").read_text())["model"]["gen"]["image_attention"] == "full"
+    # the graph really carries the mask: the causal model's velocity differs from what it computes
+    causal = check_parity(p.model, "velocity", out / manifest["graphs"]["velocity"]["file"])
+    p.model.config.gen.image_attention = "causal"
+    with pytest.raises(ExportError):
+        check_parity(p.model, "velocity", out / manifest["graphs"]["velocity"]["file"])
+    assert causal <= PARITY_ATOL

@@ -120,6 +120,24 @@ def test_repa_reads_the_configured_block(tiny_copy):
     assert torch.allclose(h1, h1b)
 
 
+def test_without_the_skip_only_the_llm_path_reaches_g_dec(tiny_copy):
+    model = tiny_copy.model
+    randomize_(model)
+    batch, latents, _ = gen_batch(tiny_copy, ["a red circle"])
+    kw = dict(prompt_mask=batch.attention_mask, prompt_lengths=batch.lengths,
+              prompt_embeds=model.embed_tokens(batch.input_ids))
+    t = torch.tensor([0.3])
+    with_skip = model.velocity(latents, t, **kw)
+    model.config.gen.skip = False
+    without = model.velocity(latents, t, **kw)
+    assert not torch.allclose(with_skip, without)
+    # g_dec's skip half now sees zeros: scaling that half of its first block's input does nothing
+    block = model.gen_decoder.blocks[0]
+    with torch.no_grad():
+        block.dwconv.weight[model.config.gen.channels:].mul_(5)
+    torch.testing.assert_close(model.velocity(latents, t, **kw), without)
+
+
 def test_losses_decrease_when_overfitting_one_batch(tiny_copy):
     torch.manual_seed(0)
     model = tiny_copy.model.train()

@@ -1,5 +1,6 @@
 """The packed objectives equal the per-sample ones, however the samples are packed."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -21,15 +22,18 @@ def _samples(proc, cfg):
 
 def _inputs(model, samples, rows, max_len, pad_id):
     batch = collate_packed([[samples[i] for i in r] for r in rows], max_len=max_len, pad_id=pad_id)
+    full_image = model.config.gen.image_attention == "full"
     return dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                attention_mask=batch.attention_mask(), roles=batch.roles, labels=batch.labels,
+                attention_mask=batch.attention_mask(full_image=full_image), roles=batch.roles, labels=batch.labels,
                 und_pixels=batch.und_pixels), batch
 
 
-def test_packed_losses_equal_per_sample_losses(tiny_copy):
+@pytest.mark.parametrize("image_attention", ["causal", "full"])
+def test_packed_losses_equal_per_sample_losses(tiny_copy, image_attention):
     model, proc = tiny_copy.model, tiny_copy.processor
     randomize_(model)
     cfg = model.config
+    cfg.gen.image_attention = image_attention
     samples = _samples(proc, cfg)
     gens = [s for s in samples if s.kind == "gen"]
     latents = model.encode_images(torch.stack([s.image for s in gens]))

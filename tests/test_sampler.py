@@ -1,6 +1,8 @@
+import pytest
 import torch
 from PIL import Image
 
+from models.janusflow import generation_mask
 from models.sampler import generate_text, sample_latents
 
 from conftest import randomize_
@@ -8,8 +10,10 @@ from conftest import randomize_
 PROMPTS = ["a red circle", "two blue squares left of a green triangle and a yellow circle", "one"]
 
 
-def test_cached_prefix_equals_full_recompute(tiny_copy):
+@pytest.mark.parametrize("image_attention", ["causal", "full"])
+def test_cached_prefix_equals_full_recompute(tiny_copy, image_attention):
     randomize_(tiny_copy.model)
+    tiny_copy.model.config.gen.image_attention = image_attention
     batch = tiny_copy.processor.encode_prompts(PROMPTS)
     assert len(set(batch.lengths.tolist())) == 3  # different prompt lengths in one batch
     kw = dict(num_inference_steps=6, guidance_scale=3.5, seeds=[0, 1, 2])
@@ -17,6 +21,29 @@ def test_cached_prefix_equals_full_recompute(tiny_copy):
     full = sample_latents(tiny_copy.model, tiny_copy.processor, batch, use_cache=False, **kw)
     assert cached.abs().max() > 0.5
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("image_attention", ["causal", "full"])
+def test_image_attention_decides_whether_early_image_tokens_see_later_ones(tiny_copy, image_attention):
+    model = tiny_copy.model
+    randomize_(model)
+    p, m, d = 5, 1 + model.config.num_gen_tokens, model.config.llm.hidden_size
+    prompt_mask = torch.tensor([[1, 1, 1, 1, 0]])  # right-padded: the image follows position 3
+    mask = generation_mask(prompt_mask, m, full_image=image_attention == "full")
+    embeds = torch.randn(1, p + m, d, generator=torch.Generator().manual_seed(0))
+    moved = embeds.clone()
+    moved[0, -1] += 1.0  # only the last image token changes
+    pos = torch.cat([torch.arange(p), 4 + torch.arange(m)]).unsqueeze(0)
+    hidden = [model.llm.model(inputs_embeds=e, attention_mask=mask, position_ids=pos).last_hidden_state
+              for e in (embeds, moved)]
+    first_image, t_slot = p + 1, p
+    changed = (hidden[0] - hidden[1]).abs().amax(-1)[0]
+    assert changed[:t_slot + 1].max() == 0  # the prompt and the t_emb slot never see the image
+    assert changed[-1] > 0
+    if image_attention == "full":
+        assert changed[first_image:].min() > 1e-4  # every image token sees the changed one
+    else:
+        assert changed[first_image:-1].max() == 0
 
 
 def test_sampler_is_deterministic_and_batch_independent(tiny_copy):

@@ -159,6 +159,18 @@ def vqa(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
     return qa
 
 
+def question_kind(question: str) -> str | None:
+    """The kind of a question vqa() asks (for accuracy per kind), None for any other question."""
+    q = question.strip()
+    if q == "How many objects are there?":
+        return "count_all"
+    for start, kind in (("How many ", "count_shape"), ("What colour is the ", "colour_of"),
+                        ("What shape is the ", "shape_of"), ("Is the ", "relation")):
+        if q.startswith(start):
+            return kind
+    return None
+
+
 FACTS = (
     "A circle is round and has no corners.", "A square has four equal sides and four corners.",
     "A triangle has three sides and three corners.", "Red, green and blue are colours.",

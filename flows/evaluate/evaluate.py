@@ -6,7 +6,8 @@
 - fd_fenc: Frechet distance between generated and real images in the understanding encoder's
   feature space (mean-pooled f_enc tokens);
 - clip_score: mean SigLIP image-text cosine similarity of generated images and their prompts
-  (needs a whole SiglipModel directory: the bootstrap writes one; production passes SigLIP's own).
+  (needs a whole SiglipModel directory: the bootstrap writes one; production passes SigLIP's own);
+- prompt_gain (+ per t) and vqa_<kind>: diagnostics (flows/evaluate/diagnostics.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from scipy import linalg
 from tqdm import tqdm
 
 from data.sequences import conversation_turns, decode_image
+from data.shapes.text import question_kind
+from flows.evaluate.diagnostics import prompt_gain, vqa_by_type
 from data.shards import ShardReader
 from flows.evaluate.geneval import judge, summarise, with_exact_counts
 from models.pipeline import JanusFlowPipeline
@@ -45,10 +48,13 @@ class EvalConfig:
     detector: str = "shapes"     # or "package.module:function" (image -> detections)
     clip: str | None = None      # SiglipModel directory for clip_score
     max_questions: int = 0       # 0: every held-out question
+    prompt_gain: int = 128       # held-out generation pairs for prompt_gain (0: skip it)
 
     def validate(self) -> "EvalConfig":
         if self.images_per_prompt < 1 or self.steps < 1 or self.batch < 1:
             raise ValueError("eval.images_per_prompt, eval.steps and eval.batch must be >= 1")
+        if self.prompt_gain < 0:
+            raise ValueError(f"eval.prompt_gain must be >= 0, got {self.prompt_gain}")
         if self.guidance < 1.0:
             raise ValueError(f"eval.guidance must be >= 1, got {self.guidance}")
         if not (Path(self.corpus) / "eval").is_dir():
@@ -228,6 +234,14 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, *, report_dir: str | Path |
         qa = questions(cfg.corpus, split, cfg.max_questions)
         if qa:
             metrics[key], details[key] = vqa(pipe, qa, batch=cfg.batch, desc=f"vqa {split}")
+    if "vqa_accuracy" in details:
+        metrics.update(vqa_by_type(details["vqa_accuracy"], question_kind))
+    if cfg.prompt_gain:
+        try:
+            metrics.update(prompt_gain(pipe, cfg.corpus, samples=cfg.prompt_gain, seed=cfg.seed,
+                                       batch=cfg.batch))
+        except (FileNotFoundError, ValueError) as exc:  # a corpus without held-out pairs
+            tqdm.write(f"prompt_gain skipped: {exc}")
     metrics["fd_fenc"] = frechet_distance(encoder_features(pipe, images),
                                           encoder_features(pipe, real_images(cfg.corpus)))
     prompts = [m["prompt"] for m in main for _ in range(cfg.images_per_prompt)]
