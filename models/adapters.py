@@ -109,8 +109,18 @@ class GenDecoder(nn.Module):
         self.out_norm = RMSNorm(wide, cfg.norm_eps)
         self.out_proj = nn.Conv2d(wide, latent_channels * cfg.patch_size**2, kernel_size=1)
         self.unpatchify = nn.PixelShuffle(cfg.patch_size)
+        if cfg.dec_prompt:  # starts at zero: the decoder begins as JanusFlow's
+            self.prompt_proj = nn.Sequential(RMSNorm(cond_dim, cfg.norm_eps), nn.Linear(cond_dim, cond_dim))
+            nn.init.zeros_(self.prompt_proj[1].weight)
+            nn.init.zeros_(self.prompt_proj[1].bias)
 
-    def forward(self, x_BCHW: torch.Tensor, skip_BCHW: torch.Tensor, t_emb: torch.Tensor):
+    def forward(self, x_BCHW: torch.Tensor, skip_BCHW: torch.Tensor, t_emb: torch.Tensor,
+                prompt: torch.Tensor | None = None):
+        """prompt (B, D): the LLM's output at the t_emb slot, read when built with dec_prompt."""
+        if hasattr(self, "prompt_proj"):
+            if prompt is None:
+                raise ValueError("this g_dec was built with gen.dec_prompt and needs the prompt state")
+            t_emb = t_emb + self.prompt_proj(prompt.to(t_emb.dtype))
         x = self.input_norm(x_BCHW.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = torch.cat([x, skip_BCHW], dim=1)
         for block in self.blocks:

@@ -90,6 +90,9 @@ class GenConfig:
     # g_dec reads g_enc's map (the skip) beside the LLM's output, as in JanusFlow; False gives it
     # zeros there, so all it knows of z_t comes through the LLM, which also carries the prompt.
     skip: bool = True
+    # g_dec's ConvNeXt modulation reads, beside t_emb, the LLM's output at the t_emb slot (which has
+    # read the whole prompt): a global path for the prompt into every position of the velocity.
+    dec_prompt: bool = False
 
 
 @dataclass

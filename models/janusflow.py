@@ -212,12 +212,14 @@ class JanusFlow(nn.Module):
         return torch.cat([t_emb.unsqueeze(1).to(tokens.dtype), tokens], dim=1), skip, t_emb
 
     def velocity_from_hidden(self, hidden_BND: torch.Tensor, skip, t_emb) -> torch.Tensor:
-        """dec aligner + g_dec on the last N hidden states -> velocity (B, C_lat, H, W)."""
+        """dec aligner + g_dec on the last N hidden states -> velocity (B, C_lat, H, W); with
+        gen.dec_prompt the state before them (the t_emb slot's) must be there too."""
         b, n = hidden_BND.shape[0], self.config.num_gen_tokens
         grid = self.config.gen_grid
         h = self.gen_dec_aligner(self.gen_dec_norm(hidden_BND[:, -n:]))
         h = h.transpose(1, 2).reshape(b, -1, grid, grid)
-        return self.gen_decoder(h, skip, t_emb)
+        prompt = hidden_BND[:, -n - 1] if self.config.gen.dec_prompt else None
+        return self.gen_decoder(h, skip, t_emb, prompt)
 
     def velocity(self, z_t: torch.Tensor, t_B: torch.Tensor, *, prompt_mask: torch.Tensor,
                  prompt_lengths: torch.Tensor, cache: DynamicCache | None = None,

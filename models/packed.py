@@ -70,7 +70,7 @@ def packed_losses(model, *, input_ids, position_ids, attention_mask, roles, labe
     result = {"ar": ar.detach(), "ar_tokens": n_ar.detach()}
     if g:
         n = model.config.num_gen_tokens
-        gen_hidden = hidden[roles == GEN_IMAGE].view(g, n, -1)
+        gen_hidden = hidden[gen_slots].view(g, n + 1, -1)  # [t_emb slot, z tokens] per sample
         v = model.velocity_from_hidden(gen_hidden, skip, t_emb)
         rf_each = flow.rf_loss(v, latents, noise)
         rf = rf_each.mean()

@@ -22,6 +22,21 @@ def tiny_copy() -> JanusFlowPipeline:
     return JanusFlowPipeline.from_config("tiny", seed=0)
 
 
+# The release's generation path and each `gen` option that departs from it (models/config.py).
+GEN_VARIANTS = {"release": {}, "full_attention": {"image_attention": "full"},
+                "no_skip": {"skip": False}, "dec_prompt": {"dec_prompt": True}}
+
+
+def tiny_variant(name: str) -> JanusFlowPipeline:
+    """A fresh tiny pipeline whose `gen` config has the options of GEN_VARIANTS[name]."""
+    from models.config import preset
+
+    config = preset("tiny")
+    for key, value in GEN_VARIANTS[name].items():
+        setattr(config.gen, key, value)
+    return JanusFlowPipeline.from_config(config, seed=0)
+
+
 def randomize_(model, seed: int = 1) -> None:
     """Give every zero-initialised parameter (GRN gamma/beta, ...) random values so tests see
     every tensor's effect, not the identity they start as."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_
+from conftest import GEN_VARIANTS, randomize_, tiny_variant
 from models.pipeline import JanusFlowPipeline
 from serving.backends import OnnxRuntimeBackend, TorchBackend, load_backend
 from data.shards import sha256_file as sha256
@@ -232,18 +232,22 @@ def test_backend_errors_name_the_fix(pipe, exported):
         OnnxRuntimeBackend(exported[0], providers=["CUDAExecutionProvider"])
 
 
-def test_full_image_attention_exports_and_keeps_parity(tmp_path):
-    p = JanusFlowPipeline.from_config("tiny", seed=0)
+@pytest.mark.parametrize("variant", ["full_attention", "dec_prompt"])
+def test_gen_options_export_and_keep_parity(tmp_path, variant):
+    p = tiny_variant(variant)
     randomize_(p.model, seed=3)
-    p.model.config.gen.image_attention = "full"
-    out = tmp_path / "full"
+    out = tmp_path / variant
     manifest = export(p.model, p.processor, out, graphs=["velocity", "cfg_step"], source="test", progress=False)
     assert set(manifest["graphs"]) == {"velocity", "cfg_step"}
     assert all(e["max_abs_diff"] <= PARITY_ATOL for e in manifest["graphs"].values())
-    assert json.loads((out / "config.json").read_text())["model"]["gen"]["image_attention"] == "full"
-    # the graph really carries the mask: the causal model's velocity differs from what it computes
-    causal = check_parity(p.model, "velocity", out / manifest["graphs"]["velocity"]["file"])
-    p.model.config.gen.image_attention = "causal"
+    saved = json.loads((out / "config.json").read_text())["model"]["gen"]
+    assert all(saved[k] == v for k, v in GEN_VARIANTS[variant].items())
+    # the graph really carries the option: the release path computes something else
+    if variant == "full_attention":
+        p.model.config.gen.image_attention = "causal"
+    else:
+        with torch.no_grad():
+            p.model.gen_decoder.prompt_proj[1].weight.zero_()
+            p.model.gen_decoder.prompt_proj[1].bias.zero_()
     with pytest.raises(ExportError):
         check_parity(p.model, "velocity", out / manifest["graphs"]["velocity"]["file"])
-    assert causal <= PARITY_ATOL

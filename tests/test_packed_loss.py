@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_
+from conftest import GEN_VARIANTS, randomize_, tiny_variant
 from data.packing import collate_packed
 from data.sequences import GEN_TIME, encode_gen, encode_text, encode_und
 from models.packed import packed_losses
@@ -28,12 +28,12 @@ def _inputs(model, samples, rows, max_len, pad_id):
                 und_pixels=batch.und_pixels), batch
 
 
-@pytest.mark.parametrize("image_attention", ["causal", "full"])
-def test_packed_losses_equal_per_sample_losses(tiny_copy, image_attention):
-    model, proc = tiny_copy.model, tiny_copy.processor
+@pytest.mark.parametrize("variant", list(GEN_VARIANTS))
+def test_packed_losses_equal_per_sample_losses(variant):
+    pipe = tiny_variant(variant)
+    model, proc = pipe.model, pipe.processor
     randomize_(model)
     cfg = model.config
-    cfg.gen.image_attention = image_attention
     samples = _samples(proc, cfg)
     gens = [s for s in samples if s.kind == "gen"]
     latents = model.encode_images(torch.stack([s.image for s in gens]))

@@ -5,15 +5,15 @@ from PIL import Image
 from models.janusflow import generation_mask
 from models.sampler import generate_text, sample_latents
 
-from conftest import randomize_
+from conftest import GEN_VARIANTS, randomize_, tiny_variant
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle and a yellow circle", "one"]
 
 
-@pytest.mark.parametrize("image_attention", ["causal", "full"])
-def test_cached_prefix_equals_full_recompute(tiny_copy, image_attention):
+@pytest.mark.parametrize("variant", list(GEN_VARIANTS))
+def test_cached_prefix_equals_full_recompute(variant):
+    tiny_copy = tiny_variant(variant)
     randomize_(tiny_copy.model)
-    tiny_copy.model.config.gen.image_attention = image_attention
     batch = tiny_copy.processor.encode_prompts(PROMPTS)
     assert len(set(batch.lengths.tolist())) == 3  # different prompt lengths in one batch
     kw = dict(num_inference_steps=6, guidance_scale=3.5, seeds=[0, 1, 2])
