@@ -94,6 +94,10 @@ class GenConfig:
     # read the whole prompt): a global path for the prompt into every position of the velocity.
     dec_prompt: bool = False
 
+    @property
+    def full_image_attention(self) -> bool:
+        return self.image_attention == "full"
+
 
 @dataclass
 class RepaConfig:

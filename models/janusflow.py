@@ -73,11 +73,6 @@ def generation_mask(prompt_mask: torch.Tensor, m: int, *, full_image: bool) -> t
     return allowed[:, None]
 
 
-def after_cache(mask: torch.Tensor, m: int) -> torch.Tensor:
-    """generation_mask's rows for the m new tokens when the prompt is cached."""
-    return mask if mask.dim() == 2 else mask[:, :, -m:]
-
-
 class JanusFlow(nn.Module):
     """The whole model. Components can be passed in already built (pretrained) or made from config.
 
@@ -211,6 +206,12 @@ class JanusFlow(nn.Module):
         tokens = self.gen_enc_aligner(z_map.flatten(2).transpose(1, 2))
         return torch.cat([t_emb.unsqueeze(1).to(tokens.dtype), tokens], dim=1), skip, t_emb
 
+    def new_token_mask(self, prompt_mask: torch.Tensor, m: int, *, cached: bool) -> torch.Tensor:
+        """generation_mask under this model's gen.image_attention; with a cached prompt only the m
+        new tokens' query rows."""
+        mask = generation_mask(prompt_mask, m, full_image=self.config.gen.full_image_attention)
+        return mask[:, :, -m:] if cached and mask.dim() == 4 else mask
+
     def velocity_from_hidden(self, hidden_BND: torch.Tensor, skip, t_emb) -> torch.Tensor:
         """dec aligner + g_dec on the last N hidden states -> velocity (B, C_lat, H, W); with
         gen.dec_prompt the state before them (the t_emb slot's) must be there too."""
@@ -234,10 +235,10 @@ class JanusFlow(nn.Module):
         b, m = x_new.shape[:2]
         p = prompt_mask.shape[1]
         new_pos = prompt_lengths.view(-1, 1) + torch.arange(m, device=x_new.device)
-        mask = generation_mask(prompt_mask, m, full_image=self.config.gen.image_attention == "full")
+        mask = self.new_token_mask(prompt_mask, m, cached=cache is not None)
         want_hidden = hidden_layer is not None
         if cache is not None:
-            out = self.llm.model(inputs_embeds=x_new, attention_mask=after_cache(mask, m),
+            out = self.llm.model(inputs_embeds=x_new, attention_mask=mask,
                                  position_ids=new_pos, past_key_values=cache, use_cache=True,
                                  output_hidden_states=want_hidden)
             cache.crop(-m)  # drop the image tokens again: the prefix is reused next step

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from models import flow
-from models.janusflow import JanusFlow, after_cache, generation_mask
+from models.janusflow import JanusFlow
 
 # Inputs the sampler keeps in fp32 whatever the model's dtype: the latents being integrated and the
 # per-row step size and guidance (the Euler update is done in fp32, as the reference sampler does).
@@ -78,8 +78,8 @@ def after_prefix(m: JanusFlow, x_new, keys, values, prefix_mask, lengths) -> tor
     (keys/values (L, B, H, P, hd), mask (B, P)); they sit at positions L_i .. L_i + N of their row."""
     n = x_new.shape[1]
     pos = lengths.view(-1, 1) + torch.arange(n, device=x_new.device).unsqueeze(0)
-    mask = generation_mask(prefix_mask, n, full_image=m.config.gen.image_attention == "full")
-    out = m.llm.model(inputs_embeds=x_new, attention_mask=after_cache(mask, n), position_ids=pos,
+    out = m.llm.model(inputs_embeds=x_new, attention_mask=m.new_token_mask(prefix_mask, n, cached=True),
+                      position_ids=pos,
                       past_key_values=unstack_cache(keys, values), use_cache=True)
     return out.last_hidden_state
 

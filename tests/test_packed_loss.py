@@ -22,7 +22,7 @@ def _samples(proc, cfg):
 
 def _inputs(model, samples, rows, max_len, pad_id):
     batch = collate_packed([[samples[i] for i in r] for r in rows], max_len=max_len, pad_id=pad_id)
-    full_image = model.config.gen.image_attention == "full"
+    full_image = model.config.gen.full_image_attention
     return dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
                 attention_mask=batch.attention_mask(full_image=full_image), roles=batch.roles, labels=batch.labels,
                 und_pixels=batch.und_pixels), batch

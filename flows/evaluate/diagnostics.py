@@ -52,15 +52,17 @@ def prompt_gain_of(pipe, prompts: list[str], pixels: torch.Tensor, *, seed: int 
     other_sum = {t: 0.0 for t in times}
     for k in range(0, len(prompts), batch):
         latents = model.encode_images(pixels[k:k + batch].to(device))
+        conditions = []  # (mask, lengths, embeds, sums) of the own and the other prompts
+        for texts, sums in ((prompts, own_sum), (others, other_sum)):
+            enc = proc.encode_prompts(texts[k:k + batch])
+            conditions.append((enc.attention_mask.to(device), enc.lengths.to(device),
+                               model.embed_tokens(enc.input_ids.to(device)), sums))
         for t in times:
             noise = torch.randn(latents.shape, generator=gen).to(latents)
             t_B = torch.full((latents.shape[0],), t, device=device)
             z_t = flow.interpolate(latents, noise, t_B)
-            for texts, sums in ((prompts, own_sum), (others, other_sum)):
-                enc = proc.encode_prompts(texts[k:k + batch])
-                v = model.velocity(z_t, t_B, prompt_mask=enc.attention_mask.to(device),
-                                   prompt_lengths=enc.lengths.to(device),
-                                   prompt_embeds=model.embed_tokens(enc.input_ids.to(device)))
+            for mask, lengths, embeds, sums in conditions:
+                v = model.velocity(z_t, t_B, prompt_mask=mask, prompt_lengths=lengths, prompt_embeds=embeds)
                 sums[t] += float(flow.rf_loss(v.float(), latents.float(), noise.float()).sum())
     out = {f"prompt_gain_t{t:.2f}": (other_sum[t] - own_sum[t]) / other_sum[t] for t in times}
     out["prompt_gain"] = float(np.mean(list(out.values())))

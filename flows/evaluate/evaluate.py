@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from data.sequences import conversation_turns, decode_image
 from data.shapes.text import question_kind
-from flows.evaluate.diagnostics import prompt_gain, vqa_by_type
 from data.shards import ShardReader
+from flows.evaluate.diagnostics import prompt_gain, vqa_by_type
 from flows.evaluate.geneval import judge, summarise, with_exact_counts
 from models.pipeline import JanusFlowPipeline
 from models.processor import pil_to_tensor

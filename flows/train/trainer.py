@@ -235,9 +235,9 @@ class Trainer:
         None where another rank trains on it; runs on the prefetch thread when there is one."""
         if index // self.cfg.grad_accum != self.world.rank:
             return None
-        full_image = self.model.config.gen.image_attention == "full"
         host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                    attention_mask=batch.attention_mask(full_image=full_image), roles=batch.roles,
+                    attention_mask=batch.attention_mask(
+                        full_image=self.model.config.gen.full_image_attention), roles=batch.roles,
                     labels=batch.labels, und_pixels=batch.und_pixels, gen_pixels=batch.gen_pixels)
         if self.device.type == "cuda":
             host = {k: None if v is None else v.pin_memory() for k, v in host.items()}
