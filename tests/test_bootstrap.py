@@ -14,7 +14,8 @@ from models.checkpoint import from_pretrained
 
 def _boot_cfg(env, out, **bootstrap):
     parts = dict(preset="tiny", vae_steps=4, vae_batch=4, siglip_steps=4, siglip_batch=8, llm_steps=12,
-                 llm_batch=4, llm_seq_len=32, warmup=2, **bootstrap)
+                 llm_batch=4, llm_seq_len=32, warmup=2)
+    parts.update(bootstrap)
     return TrainConfig.from_dict(dict(stage="bootstrap", corpus=str(env / "corpus"), out=str(out),
                                       tracking_uri=f"sqlite:///{env}/mlflow.db", bootstrap=parts)).validate()
 
@@ -69,6 +70,58 @@ def test_resume_skips_finished_parts(booted, train_env):
     assert torch.equal(model.llm.lm_head.weight, resumed.model.llm.lm_head.weight)
 
 
+def test_sigmoid_loss_is_siglips_own_and_hard_negatives_only_add_negative_terms():
+    from flows.train.bootstrap import sigmoid_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4) * 3
+    eye = torch.eye(4)
+    # transformers' SiglipModel loss: mean over images of -sum log sigmoid(+-logit)
+    own = -torch.nn.functional.logsigmoid((2 * eye - 1) * logits).sum(-1).mean()
+    assert float(sigmoid_loss(logits)) == pytest.approx(float(own), rel=1e-6)
+    extra = torch.randn(4, 3) * 3
+    with_negatives = sigmoid_loss(torch.cat([logits, extra], 1))
+    assert float(with_negatives - sigmoid_loss(logits)) == pytest.approx(
+        float(-torch.nn.functional.logsigmoid(-extra).sum() / 4), rel=1e-6)
+
+
+def test_siglip_trains_with_hard_negative_captions(train_env, tmp_path):
+    """siglip_negatives: 1 adds one counterfactual caption per image and step as a negative: the same
+    seeds without them train different weights."""
+    from flows.train.bootstrap import NegativeCaptions
+
+    trained = {}
+    for n in (0, 1):
+        boot = Bootstrap(_boot_cfg(train_env, tmp_path / f"neg{n}", siglip_negatives=n, vae_steps=0,
+                                   llm_steps=0), progress=False)
+        boot.run()
+        trained[n] = SiglipModel.from_pretrained(str(tmp_path / f"neg{n}" / "siglip")).state_dict()
+    _, captions, scenes = boot._captioned_images()
+    assert all(scenes)  # the shapes corpus stores every generation sample's scene
+    negatives = NegativeCaptions(scenes, 2, seed=0).for_batch([0, 1, 2])
+    assert len(negatives) == 6 and not set(negatives) & set(captions[:3])
+    assert NegativeCaptions(scenes, 0, seed=0).for_batch([0, 1]) == []
+    name = "text_model.embeddings.token_embedding.weight"
+    assert not torch.equal(trained[0][name], trained[1][name])
+
+
+def test_resume_under_another_tracking_store_logs_to_a_new_run(booted, train_env, tmp_path, capsys):
+    """A resumed stage whose MLflow run is not in the current store (MLFLOW_TRACKING_URI changed)
+    warns and opens a new run instead of failing."""
+    import shutil
+
+    out = tmp_path / "moved"
+    shutil.copytree(booted[0], out)
+    cfg = _boot_cfg(train_env, out)
+    cfg.tracking_uri = f"sqlite:///{tmp_path}/other.db"
+    old_run = json.loads((out / "parts" / "meta.json").read_text())["run_id"]
+    Bootstrap(cfg, resume=True, progress=False).run()
+    new_run = json.loads((out / "parts" / "meta.json").read_text())["run_id"]
+    assert new_run != old_run
+    assert MlflowClient(tracking_uri=cfg.tracking_uri).get_run(new_run).info.status == "FINISHED"
+    assert f"MLflow run {old_run} of the checkpoint is not in" in capsys.readouterr().err
+
+
 def test_bootstrap_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="bootstrap.vae_lr must be a number"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_lr": "fast"}})
@@ -78,6 +131,8 @@ def test_bootstrap_config_errors_name_the_field():
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"preset": "huge"}}).validate()
     with pytest.raises(ConfigError, match="bootstrap.vae_steps must be >= 0"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_batch": 1}}).validate()
+    with pytest.raises(ConfigError, match="siglip_negatives >= 0"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_negatives": -1}}).validate()
 
 
 def test_clip_score_reads_the_bootstrap_siglip_with_its_training_tokens(booted, train_env):

@@ -3,8 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from data.shapes.text import CATEGORIES, POSITIONS, caption, relation_holds, sample_spec, \
-    scene_for_spec, vqa
+from data.shapes.corpus import scene_dict, scene_from_dict
+from data.shapes.text import CATEGORIES, POSITIONS, caption, counterfactual_caption, relation_holds, \
+    sample_spec, scene_for_spec, vqa
 from data.shapes.world import COLOURS, HELD_OUT_PAIRS, NUMBERS, SHAPES, random_scene, render
 
 
@@ -90,6 +91,29 @@ def test_vqa_answers_are_true_of_the_scene():
             kinds.add(question.split()[0] + ("" if answer not in ("yes", "no") else answer))
         assert caption(scene).startswith(f"A {scene.background} picture with {NUMBERS[len(scene.objects)]}")
     assert {"Isyes", "Isno", "How", "What"} <= kinds
+
+
+def test_counterfactual_caption_changes_one_shape_or_colour():
+    """SigLIP's hard negatives: the caption of the same scene with exactly one object's shape or
+    colour changed (and nothing else), both kinds in use."""
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for _ in range(200):
+        scene = scene_from_dict(scene_dict(random_scene(rng)))
+        negative = counterfactual_caption(rng, scene)
+        assert negative != caption(scene)
+        head, _, things = negative.partition(": ")
+        assert head == caption(scene).partition(": ")[0]  # same background and object count
+        old = caption(scene).partition(": ")[2].rstrip(".").split(", ")
+        new = things.rstrip(".").split(", ")
+        changed = [(a.split(), b.split()) for a, b in zip(old, new) if a != b]
+        assert len(changed) == 1
+        a, b = changed[0]
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        assert len(diff) == 1 and a[:2] == b[:2]  # article and size kept
+        kinds.add("colour" if a[diff[0]] in COLOURS else "shape")
+        assert (b[diff[0]] in COLOURS) == (a[diff[0]] in COLOURS)
+    assert kinds == {"colour", "shape"}
 
 
 def test_unknown_category_is_refused():

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data.shapes.text import (CAPTION_QUESTION, CATEGORIES, FACTS, caption, sample_spec,
                               scene_for_spec, text_sample, vqa)
-from data.shapes.world import Scene, overlaps, pair_space, random_scene, render
+from data.shapes.world import Obj, Scene, overlaps, pair_space, random_scene, render
 from data.shards import AtomicDir, DataError, ShardReader, ShardWriter, sha256_bytes, write_manifest
 from models.config import dataclass_from_dict
 from models.tokenizer import IMAGE, build_tokenizer
@@ -69,6 +69,12 @@ class ShapesParams:
 def scene_dict(scene: Scene) -> dict:
     return {"background": scene.background, "textured": scene.textured,
             "objects": [dataclasses.asdict(o) for o in scene.objects]}
+
+
+def scene_from_dict(data: dict) -> Scene:
+    """The inverse of scene_dict (the `scene` a corpus record stores)."""
+    return Scene(objects=[Obj(**o) for o in data["objects"]], background=data["background"],
+                 textured=bool(data.get("textured", False)))
 
 
 def png_bytes(image) -> bytes:

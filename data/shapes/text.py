@@ -4,9 +4,11 @@ scenes built to satisfy them, and understanding data (captions, VQA) read off a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from data.shapes.world import NUMBERS, Obj, Scene, _finish, pair_space, place
+from data.shapes.world import COLOURS, NUMBERS, SHAPES, Obj, Scene, _finish, pair_space, place
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 POSITIONS = ("left of", "right of", "above", "below")
@@ -133,6 +135,19 @@ def caption(scene: Scene) -> str:
     things = ", ".join(describe(o) for o in sorted(scene.objects, key=lambda o: o.x))
     n = len(scene.objects)
     return f"A {scene.background} picture with {NUMBERS[n]} {plural('object', n)}: {things}."
+
+
+def counterfactual_caption(rng: np.random.Generator, scene: Scene) -> str:
+    """The caption of the scene with one object's shape or colour changed: a hard negative that an
+    image-text model can only reject by looking at that object (in-batch captions differ in so much
+    else that a contrastive encoder learns colours and counts and next to nothing of shape)."""
+    k = int(rng.integers(len(scene.objects)))
+    o = scene.objects[k]
+    if rng.random() < 0.5:
+        o = dataclasses.replace(o, shape=_pick(rng, [s for s in SHAPES if s != o.shape]))
+    else:
+        o = dataclasses.replace(o, colour=_pick(rng, [c for c in sorted(COLOURS) if c != o.colour]))
+    return caption(dataclasses.replace(scene, objects=[*scene.objects[:k], o, *scene.objects[k + 1:]]))
 
 
 def vqa(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:

@@ -112,21 +112,26 @@ class Bootstrap:
 
     def train_siglip(self, tracker: Tracker) -> None:
         b = self.b
-        images, captions = self._captioned_images()
+        images, captions, scenes = self._captioned_images()
         siglip = self.siglip_model()
         siglip.vision_model.load_state_dict(self.model.vision.state_dict(), strict=False)
         siglip.train()
-        ids = self._tokens(captions, siglip.config.text_config.max_position_embeddings)
+        length = siglip.config.text_config.max_position_embeddings
+        ids = self._tokens(captions, length)
+        negatives = NegativeCaptions(scenes, b.siglip_negatives, seed=self.cfg.seed + 1)
         opt = self._optimizer(siglip.parameters(), b.siglip_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
         for i in self._steps("siglip", b.siglip_steps):
             idx = torch.randperm(len(images), generator=gen)[: b.siglip_batch]
-            out = siglip(input_ids=ids[idx].to(self.device), pixel_values=images[idx].to(self.device),
-                         return_loss=True)
-            self._update(opt, out.loss, i, b.siglip_lr)
-            with torch.no_grad():  # in-batch retrieval: does each image pick its own caption?
+            texts, hard = ids[idx], negatives.for_batch(idx.tolist())
+            if hard:
+                texts = torch.cat([texts, self._tokens(hard, length)])
+            out = siglip(input_ids=texts.to(self.device), pixel_values=images[idx].to(self.device))
+            loss = sigmoid_loss(out.logits_per_image)
+            self._update(opt, loss, i, b.siglip_lr)
+            with torch.no_grad():  # retrieval among the batch's captions and the hard negatives
                 top1 = (out.logits_per_image.argmax(1) == torch.arange(len(idx))).float().mean()
-            self._record(tracker, siglip_loss=out.loss, siglip_top1=top1)
+            self._record(tracker, siglip_loss=loss, siglip_top1=top1)
         siglip.eval()
         own = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
         self.model.vision.load_state_dict(own)
@@ -172,18 +177,20 @@ class Bootstrap:
             raise ValueError(f"bootstrap: no train images in {self.cfg.corpus}")
         return torch.stack(out)
 
-    def _captioned_images(self) -> tuple[torch.Tensor, list[str]]:
-        """(image, caption) pairs for SigLIP: generation samples with their scene captions."""
+    def _captioned_images(self) -> tuple[torch.Tensor, list[str], list[dict | None]]:
+        """(image, caption, scene) for SigLIP: generation samples with their scene captions (the
+        scene, where the record has one, is what hard-negative captions are made from)."""
         reader = self._reader("gen")
         if reader is None:
             raise ValueError(f"bootstrap: no generation samples in {self.cfg.corpus} for SigLIP")
-        images, captions = [], []
+        images, captions, scenes = [], [], []
         for i in range(len(reader)):
             record, data = reader.read(i)
             if data is not None:
                 images.append(self.processor.preprocess_understanding(decode_image(data)))
                 captions.append(record.get("caption") or record["prompt"])
-        return torch.stack(images), captions
+                scenes.append(record.get("scene"))
+        return torch.stack(images), captions, scenes
 
     def _text_stream(self) -> list[int]:
         """BOS text EOS for every text sample, caption, prompt, question and answer, in corpus order."""
@@ -289,6 +296,32 @@ class Bootstrap:
             self._set_scaling(float(meta["scaling_factor"]))
         self.step = int(meta["step"])
         return True
+
+
+def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss for B images against T >= B texts where text i is image i's caption and every
+    other pair (texts beyond B are hard negatives) is a negative: -sum log sigmoid(+-logit) / B."""
+    labels = -torch.ones_like(logits)
+    labels[:, : logits.shape[0]].fill_diagonal_(1.0)
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+class NegativeCaptions:
+    """`per_image` counterfactual captions per image and step: the caption of the image's scene with
+    one object's shape or colour changed (data/shapes/text.py). Images without a scene get none."""
+
+    def __init__(self, scenes: list[dict | None], per_image: int, *, seed: int):
+        self.scenes, self.per_image = scenes, per_image
+        self.rng = np.random.default_rng(seed)
+
+    def for_batch(self, idx: list[int]) -> list[str]:
+        from data.shapes.corpus import scene_from_dict
+        from data.shapes.text import counterfactual_caption
+
+        if not self.per_image:
+            return []
+        return [counterfactual_caption(self.rng, scene_from_dict(self.scenes[i]))
+                for _ in range(self.per_image) for i in idx if self.scenes[i]]
 
 
 def siglip_text_ids(tokenizer, texts: list[str], length: int, *, eos_id: int, pad_id: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ class BootstrapConfig:
     siglip_lr: float = 4e-4  # 1e-3 never leaves the plateau on the shapes world
     siglip_batch: int = 64
     siglip_text_layers: int = 2
+    siglip_negatives: int = 0  # counterfactual captions per image and step (a shape or colour changed)
     llm_steps: int = 300
     llm_lr: float = 2e-3
     llm_batch: int = 16
@@ -54,9 +55,10 @@ class BootstrapConfig:
             if steps < 0 or batch < 2 or lr <= 0:
                 raise ConfigError(f"bootstrap.{name}_steps must be >= 0, {name}_batch >= 2 and "
                                   f"{name}_lr positive, got {steps}, {batch}, {lr}")
-        if self.kl_weight < 0 or self.siglip_text_layers < 1 or self.llm_seq_len < 8 or self.warmup < 0:
+        if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
+                or self.llm_seq_len < 8 or self.warmup < 0):
             raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
-                              "llm_seq_len >= 8, warmup >= 0")
+                              "siglip_negatives >= 0, llm_seq_len >= 8, warmup >= 0")
 
 
 @dataclass

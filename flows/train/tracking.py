@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -53,6 +55,11 @@ class Tracker:
         uri = tracking_uri(cfg.tracking_uri)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None and not self._exists(run_id):
+            # e.g. a checkpoint resumed under another MLFLOW_TRACKING_URI: carry on in a new run
+            print(f"warning: MLflow run {run_id} of the checkpoint is not in {uri}; "
+                  f"the resumed stage logs to a new run", file=sys.stderr)
+            run_id = None
         if run_id is None:
             exp_id = experiment_id(self.client, cfg.experiment)
             all_tags = {"stage": cfg.stage, "git_commit": git_commit(), **tags,
@@ -68,6 +75,15 @@ class Tracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id, self.cfg = run_id, cfg
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         now = int(time.time() * 1000)
