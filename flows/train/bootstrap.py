@@ -308,20 +308,25 @@ def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
 
 class NegativeCaptions:
     """`per_image` counterfactual captions per image and step: the caption of the image's scene with
-    one object's shape or colour changed (data/shapes/text.py). Images without a scene get none."""
+    one object's shape or colour changed (data/shapes/text.py). Images without a scene get none.
+    Scenes are parsed once here, not at every step; with per_image 0 nothing of the shapes world is
+    imported (a corpus from elsewhere has no scenes)."""
 
     def __init__(self, scenes: list[dict | None], per_image: int, *, seed: int):
-        self.scenes, self.per_image = scenes, per_image
-        self.rng = np.random.default_rng(seed)
+        self.per_image, self.rng = per_image, np.random.default_rng(seed)
+        self.scenes: list = []
+        if per_image:
+            from data.shapes.corpus import scene_from_dict
+            from data.shapes.text import counterfactual_caption
+
+            self._caption = counterfactual_caption
+            self.scenes = [scene_from_dict(s) if s else None for s in scenes]
 
     def for_batch(self, idx: list[int]) -> list[str]:
-        from data.shapes.corpus import scene_from_dict
-        from data.shapes.text import counterfactual_caption
-
         if not self.per_image:
             return []
-        return [counterfactual_caption(self.rng, scene_from_dict(self.scenes[i]))
-                for _ in range(self.per_image) for i in idx if self.scenes[i]]
+        return [self._caption(self.rng, self.scenes[i])
+                for _ in range(self.per_image) for i in idx if self.scenes[i] is not None]
 
 
 def siglip_text_ids(tokenizer, texts: list[str], length: int, *, eos_id: int, pad_id: int) -> torch.Tensor:
