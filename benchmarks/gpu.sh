@@ -9,7 +9,11 @@
 # 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU),
 #    eager and then with torch.compile per transformer block (config `compile: true`);
 # 4. the sampler again with the torch.compile backend, last: on 2026-11-30 its whole-graph compile
-#    had not finished after 210 s on an H200.
+#    had not finished after 210 s on an H200;
+# 5. only when asked for (ONLY=shapes): benchmarks/shapes_scale.py, the shapes world's recipe at 10x
+#    its steps with GenEval-shapes / VQA after 800, 2400 and 8000 stage-2 steps (issue 5's gates).
+# ONLY="sampler train" runs just the steps named (matmul, sampler, train, train_compile,
+# sampler_compile, shapes); unset, steps 1-4 run.
 # The limits fit one call in a session's 15 device minutes (machine start ~30 s); the reply of the
 # device tool carries only the output's tail and at most 8 files, so pack OUT afterwards, e.g.
 #   bash benchmarks/gpu.sh /tmp/res; tar -C /tmp/res -cf $OUT/results.tar .
@@ -28,9 +32,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --f
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| diffusers', diffusers.__version__)"
 
+DEFAULT_STEPS="matmul sampler train train_compile sampler_compile"
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    case " ${ONLY:-$DEFAULT_STEPS} " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit}s)"
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -56,3 +62,5 @@ step train_compile ${TRAIN_COMPILE_LIMIT:-150} python3 benchmarks/train_throughp
     --out "$OUT/compile"
 step sampler_compile ${COMPILE_LIMIT:-150} python3 benchmarks/sampler.py --preset janusflow-1.3b \
     --device cuda --dtype bf16 --backends official torch-compile --repeats 3 --out "$OUT/compile"
+step shapes ${SHAPES_LIMIT:-560} python3 benchmarks/shapes_scale.py --device cuda --dtype bf16 --scale 10 \
+    --points 1,3,10 --budget-s $(( ${SHAPES_LIMIT:-560} - 120 )) --out "$OUT/shapes"

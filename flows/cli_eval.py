@@ -30,7 +30,7 @@ def cmd_eval(args) -> None:
 
     cfg = eval_config(args.params, corpus=args.corpus, images_per_prompt=args.images_per_prompt,
                       steps=args.steps, guidance=args.guidance, detector=args.detector,
-                      clip=args.clip, seed=args.seed)
+                      clip=args.clip, seed=args.seed, device=args.device, dtype=args.dtype)
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model: {model} is not a saved model directory (no config.json)")
@@ -79,6 +79,8 @@ def add_eval_commands(sub) -> None:
     ev.add_argument("--detector", default=None, help="'shapes' or 'package.module:function'")
     ev.add_argument("--clip", default=None, help="SiglipModel directory for clip_score")
     ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    ev.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="fp32 (default) or bf16")
     ev.add_argument("--parent-run", default=None, help="MLflow parent run id (default: $JANUSFLOW_PARENT_RUN_ID)")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     ev.set_defaults(func=cmd_eval)

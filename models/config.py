@@ -152,6 +152,9 @@ class JanusFlowConfig:
              f"{self.llm.num_hidden_layers}]"),
             (self.llm.hidden_size % self.llm.num_attention_heads == 0,
              "llm.hidden_size must be divisible by llm.num_attention_heads"),
+            (self.llm.num_attention_heads % self.llm.num_key_value_heads == 0,
+             f"llm.num_attention_heads ({self.llm.num_attention_heads}) must be a multiple of "
+             f"llm.num_key_value_heads ({self.llm.num_key_value_heads})"),
             (self.vision.hidden_size % self.vision.num_attention_heads == 0,
              "vision.hidden_size must be divisible by vision.num_attention_heads"),
             (all(c % self.vae.norm_num_groups == 0 for c in self.vae.block_out_channels),
@@ -287,6 +290,23 @@ def _janusflow_1_3b() -> JanusFlowConfig:
 
 
 PRESETS = {"tiny": _tiny, "shapes": _shapes, "janusflow-1.3b": _janusflow_1_3b}
+
+
+def with_overrides(config: JanusFlowConfig, overrides: dict[str, Any], *, where: str) -> JanusFlowConfig:
+    """`config` with `overrides` merged in ({section: {key: value}} or a top-level key), validated.
+    A bad key, type or combination raises ValueError starting with `where` (the config field)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where} must be a mapping of config sections, got {type(overrides).__name__}")
+    merged = config.to_dict()
+    for name, value in overrides.items():
+        if isinstance(merged.get(name), dict) and isinstance(value, dict):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    try:
+        return JanusFlowConfig.from_dict(merged)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def preset(name: str) -> JanusFlowConfig:

@@ -133,6 +133,30 @@ def test_bootstrap_config_errors_name_the_field():
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_batch": 1}}).validate()
     with pytest.raises(ConfigError, match="siglip_negatives >= 0"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_negatives": -1}}).validate()
+    for model, match in (({"llm": {"hidden": 3}}, r"bootstrap.model: unknown config key\(s\) in 'llm': hidden"),
+                         ({"llm": {"num_hidden_layers": "six"}}, "bootstrap.model: llm.num_hidden_layers must be an integer"),
+                         ({"llm": {"num_key_value_heads": 3}}, "bootstrap.model: llm.num_attention_heads .4. must be a multiple"),
+                         ({"gen": {"patch_size": 3}}, "bootstrap.model: gen.image_size"),
+                         ([3], "bootstrap.model must be a mapping")):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"model": model}}).validate()
+
+
+def test_bootstrap_model_overrides_size_the_model(train_env, tmp_path):
+    """bootstrap.model resizes the preset (here a 3-block LLM with full image attention) and the saved
+    model, which the next stage starts from, carries it."""
+    cfg = _boot_cfg(train_env, tmp_path / "run", vae_steps=1, siglip_steps=1, llm_steps=2,
+                    model={"llm": {"num_hidden_layers": 3, "intermediate_size": 96},
+                           "gen": {"image_attention": "full"}})
+    Bootstrap(cfg, progress=False).run()
+    model, _ = from_pretrained(tmp_path / "run" / "model")
+    assert len(model.llm.model.layers) == 3 and model.config.llm.intermediate_size == 96
+    assert model.llm.model.layers[0].mlp.up_proj.out_features == 96
+    assert model.config.gen.full_image_attention and model.config.llm.hidden_size == 64  # tiny's width kept
+    # resuming with another size: the saved LLM part does not fit, which is one clear error
+    other = _boot_cfg(train_env, tmp_path / "run", vae_steps=1, siglip_steps=1, llm_steps=2)
+    with pytest.raises(ValueError, match=r"--resume: .*llm.safetensors does not fit .*size mismatch"):
+        Bootstrap(other, resume=True, progress=False).run()
 
 
 def test_clip_score_reads_the_bootstrap_siglip_with_its_training_tokens(booted, train_env):

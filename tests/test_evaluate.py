@@ -71,6 +71,26 @@ def test_eval_bad_input_is_one_line(train_env, tmp_path, capsys):
         load_detector("no_such_module:detect")
 
 
+def test_eval_runs_in_bf16_and_refuses_a_device_it_cannot_use(train_env, tmp_path, capsys):
+    import torch
+
+    small = dict(corpus=str(train_env / "corpus"), images_per_prompt=1, steps=2, batch=8, max_questions=8,
+                 prompt_gain=0)
+    fp32 = evaluate(train_env / "init", EvalConfig(**small))
+    bf16 = evaluate(train_env / "init", EvalConfig(**small, dtype="bf16"))
+    assert bf16.keys() == fp32.keys() and bf16["images"] == fp32["images"]
+    assert np.isfinite(bf16["fd_fenc"]) and bf16["fd_fenc"] != fp32["fd_fenc"]  # bf16 really ran
+    for bad, match in ((dict(dtype="fp16"), "eval.dtype"), (dict(device="tpu"), "eval.device"),
+                       (dict(device="cuda:x"), "eval.device")):
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(**small, **bad).validate()
+    if not torch.cuda.is_available():
+        assert main(["eval", "--model", str(train_env / "init"), "--out", str(tmp_path / "m.json"),
+                     "--corpus", str(train_env / "corpus"), "--device", "cuda", "--no-mlflow"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_prompt_gain_is_zero_without_a_prompt_difference_and_reads_each_t(tiny_copy):
     import torch
 

@@ -49,6 +49,8 @@ class EvalConfig:
     clip: str | None = None      # SiglipModel directory for clip_score
     max_questions: int = 0       # 0: every held-out question
     prompt_gain: int = 128       # held-out generation pairs for prompt_gain (0: skip it)
+    device: str = "cpu"          # where the model runs: cpu, cuda, cuda:N
+    dtype: str = "fp32"          # the model's weights and activations: fp32 or bf16
 
     def validate(self) -> "EvalConfig":
         if self.images_per_prompt < 1 or self.steps < 1 or self.batch < 1:
@@ -57,6 +59,16 @@ class EvalConfig:
             raise ValueError(f"eval.prompt_gain must be >= 0, got {self.prompt_gain}")
         if self.guidance < 1.0:
             raise ValueError(f"eval.guidance must be >= 1, got {self.guidance}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"eval.dtype must be fp32 or bf16, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"eval.device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"eval.device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"eval.device is {self.device!r} but this machine has no CUDA device")
         if not (Path(self.corpus) / "eval").is_dir():
             raise FileNotFoundError(f"eval.corpus: {self.corpus} has no eval/ folder of GenEval prompts")
         return self
@@ -186,7 +198,7 @@ def real_images(corpus: str | Path, split: str = "heldout") -> list[Image.Image]
 
 @torch.no_grad()
 def clip_score(clip_dir: str | Path, images: list[Image.Image], prompts: list[str], *,
-               batch: int = 128) -> float:
+               batch: int = 128, device: str = "cpu") -> float:
     """Mean cosine similarity of SigLIP image and text embeddings (higher: prompts followed)."""
     from transformers import AutoTokenizer, SiglipModel
 
@@ -195,7 +207,7 @@ def clip_score(clip_dir: str | Path, images: list[Image.Image], prompts: list[st
     path = Path(clip_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"eval.clip: {path} is not a SiglipModel directory (no config.json)")
-    model = SiglipModel.from_pretrained(str(path)).eval()
+    model = SiglipModel.from_pretrained(str(path)).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     size = model.config.vision_config.image_size
     text_config = model.config.text_config
@@ -205,7 +217,7 @@ def clip_score(clip_dir: str | Path, images: list[Image.Image], prompts: list[st
                               for im in images[k:k + batch]])
         ids = siglip_text_ids(tokenizer, prompts[k:k + batch], text_config.max_position_embeddings,
                               eos_id=text_config.eos_token_id, pad_id=text_config.pad_token_id)
-        out = model(input_ids=ids, pixel_values=pixels)
+        out = model(input_ids=ids.to(device), pixel_values=pixels.to(device))
         sims.append(torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).double())
     return float(torch.cat(sims).mean())
 
@@ -217,7 +229,8 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, *, report_dir: str | Path |
 
     cfg.validate()
     detector = load_detector(cfg.detector)
-    pipe = JanusFlowPipeline.from_pretrained(model_dir)
+    pipe = JanusFlowPipeline.from_pretrained(
+        model_dir, device=cfg.device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
     eval_dir = Path(cfg.corpus) / "eval"
     metrics: dict = {}
     details: dict = {}
@@ -246,7 +259,7 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, *, report_dir: str | Path |
                                           encoder_features(pipe, real_images(cfg.corpus)))
     prompts = [m["prompt"] for m in main for _ in range(cfg.images_per_prompt)]
     if cfg.clip:
-        metrics["clip_score"] = clip_score(cfg.clip, images, prompts)
+        metrics["clip_score"] = clip_score(cfg.clip, images, prompts, device=cfg.device)
     metrics["images"] = len(images)
     if report_dir is not None:
         write_report(Path(report_dir), metrics=metrics, details=details, images=images,

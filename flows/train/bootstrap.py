@@ -33,7 +33,6 @@ from data.shards import ShardReader, read_manifest
 from flows.train.config import TrainConfig
 from flows.train.tracking import Tracker
 from models.checkpoint import save_pretrained
-from models.config import preset
 from models.janusflow import JanusFlow, siglip_config
 from models.processor import JanusFlowProcessor
 from models.tokenizer import IMAGE
@@ -51,7 +50,7 @@ class Bootstrap:
         self.out = Path(cfg.out)
         self.parts_dir = self.out / "parts"
         self.device = torch.device(cfg.device)
-        config = preset(self.b.preset)
+        config = self.b.model_config()
         tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.corpus) / "tokenizer"))
         self.processor = JanusFlowProcessor.for_config(tokenizer, config)
         torch.manual_seed(cfg.seed)
@@ -130,7 +129,7 @@ class Bootstrap:
             loss = sigmoid_loss(out.logits_per_image)
             self._update(opt, loss, i, b.siglip_lr)
             with torch.no_grad():  # retrieval among the batch's captions and the hard negatives
-                top1 = (out.logits_per_image.argmax(1) == torch.arange(len(idx))).float().mean()
+                top1 = (out.logits_per_image.argmax(1).cpu() == torch.arange(len(idx))).float().mean()
             self._record(tracker, siglip_loss=loss, siglip_top1=top1)
         siglip.eval()
         own = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
@@ -291,7 +290,13 @@ class Bootstrap:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        self._part_modules(part).load_state_dict(load_file(str(path)))
+        try:
+            self._part_modules(part).load_state_dict(load_file(str(path)))
+        except RuntimeError as exc:  # e.g. bootstrap.model changed since the part was saved
+            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+                          str(exc).splitlines()[0])
+            raise ValueError(f"--resume: {path} does not fit this bootstrap's model ({detail}); "
+                             f"delete it to train the part again") from None
         if part == "vae":
             self._set_scaling(float(meta["scaling_factor"]))
         self.step = int(meta["step"])

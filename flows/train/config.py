@@ -30,6 +30,7 @@ class BootstrapConfig:
     pretrained (SDXL-VAE, SigLIP, DeepSeek-LLM) on the corpus itself. Steps, LR and batch per part."""
 
     preset: str = "shapes"
+    model: dict = field(default_factory=dict)  # overrides of the preset, e.g. {llm: {num_hidden_layers: 6}}
     vae_steps: int = 400
     vae_lr: float = 2e-3
     vae_batch: int = 32
@@ -45,11 +46,21 @@ class BootstrapConfig:
     llm_seq_len: int = 128
     warmup: int = 20
 
+    def model_config(self):
+        """The preset's JanusFlowConfig with `model` merged in."""
+        from models.config import preset, with_overrides
+
+        return with_overrides(preset(self.preset), self.model, where="bootstrap.model")
+
     def validate(self) -> None:
         from models.config import PRESETS
 
         if self.preset not in PRESETS:
             raise ConfigError(f"bootstrap.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        try:
+            self.model_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("vae", "siglip", "llm"):
             steps, lr, batch = (getattr(self, f"{name}_{k}") for k in ("steps", "lr", "batch"))
             if steps < 0 or batch < 2 or lr <= 0:

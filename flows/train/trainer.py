@@ -271,11 +271,12 @@ class Trainer:
     def ema_pipeline(self) -> JanusFlowPipeline | None:
         """The model with the EMA weights (what evaluation and export use), on rank 0 (None on the
         others). The EMA is gathered to whole tensors (a collective under FSDP2) and copied into a
-        fresh copy of the init model: frozen parts never change, so they are the init's."""
+        fresh copy of the init model: frozen parts never change, so they are the init's. It lives on
+        the training device, so the sample grid of a GPU run is drawn there, not on the host."""
         whole = {n: full(e) for n, e in self.ema.items()}
         if not self.world.main:
             return None
-        model, processor = from_pretrained(self.cfg.init)
+        model, processor = from_pretrained(self.cfg.init, device=self.device)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, v in whole.items():
