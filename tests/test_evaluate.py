@@ -75,10 +75,10 @@ def test_eval_runs_in_bf16_and_refuses_a_device_it_cannot_use(train_env, tmp_pat
     import torch
 
     small = dict(corpus=str(train_env / "corpus"), images_per_prompt=1, steps=2, batch=8, max_questions=8,
-                 prompt_gain=0)
+                 prompt_gain=4)
     fp32 = evaluate(train_env / "init", EvalConfig(**small))
     bf16 = evaluate(train_env / "init", EvalConfig(**small, dtype="bf16"))
-    assert bf16.keys() == fp32.keys() and bf16["images"] == fp32["images"]
+    assert bf16.keys() == fp32.keys() and bf16["images"] == fp32["images"] and "prompt_gain" in bf16
     assert np.isfinite(bf16["fd_fenc"]) and bf16["fd_fenc"] != fp32["fd_fenc"]  # bf16 really ran
     for bad, match in ((dict(dtype="fp16"), "eval.dtype"), (dict(device="tpu"), "eval.device"),
                        (dict(device="cuda:x"), "eval.device")):
