@@ -7,15 +7,17 @@
 # 2. benchmarks/sampler.py at the 1.3B preset in bf16: the official demo's loop vs our sampler
 #    (batch 8, 30 steps, CFG 2, random weights);
 # 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU),
-#    eager and then with torch.compile per transformer block (config `compile: true`);
-# 4. the sampler again with the torch.compile backend, last: on 2026-11-30 its whole-graph compile
-#    had not finished after 210 s on an H200;
-# 5. only when asked for (ONLY=shapes): benchmarks/shapes_scale.py, the shapes world's recipe at 10x
-#    its steps (bootstrap 3x) with GenEval-shapes / VQA after 800, 2400 and 8000 stage-2 steps
-#    (issue 5's gates); no new stage-2 chunk starts in its last 150 s, so the points measured by
-#    then come back.
-# ONLY="sampler train" runs just the steps named (matmul, sampler, train, train_compile,
-# sampler_compile, shapes); unset, steps 1-4 run.
+#    with the dense packed mask (SDPA), then with FlexAttention's block mask (`attention: flex`);
+# 4. flex_check: the CUDA test that FlexAttention's losses and gradients equal the dense mask's;
+# optional (name them in ONLY):
+# 5. train_compile: step 3 with torch.compile per transformer block (config `compile: true`);
+# 6. sampler_compile: the sampler with the torch.compile backend (on 2026-11-30 its whole-graph
+#    compile had not finished after 210 s on an H200);
+# 7. shapes: benchmarks/shapes_scale.py, the shapes world's recipe at 10x its steps (bootstrap 3x)
+#    with GenEval-shapes / VQA after 800, 2400 and 8000 stage-2 steps (issue 5's gates); no new
+#    stage-2 chunk starts in its last 150 s, so the points measured by then come back.
+# ONLY="train train_flex" runs just the steps named (matmul, sampler, train, train_flex, flex_check,
+# train_compile, sampler_compile, shapes); unset, steps 1-4 run (9 minutes at most).
 # The limits fit one call in a session's 15 device minutes (machine start ~30 s); the reply of the
 # device tool carries only the output's tail and at most 8 files, so pack OUT afterwards, e.g.
 #   bash benchmarks/gpu.sh /tmp/res; tar -C /tmp/res -cf $OUT/results.tar .
@@ -34,7 +36,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --f
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| diffusers', diffusers.__version__)"
 
-DEFAULT_STEPS="matmul sampler train train_compile sampler_compile"
+DEFAULT_STEPS="matmul sampler train train_flex flex_check"
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log
     local name=$1 limit=$2
     shift 2
@@ -59,6 +61,9 @@ step sampler ${SAMPLER_LIMIT:-120} python3 benchmarks/sampler.py --preset janusf
     --dtype bf16 --backends official torch --repeats 5 --out "$OUT"
 step train ${TRAIN_LIMIT:-120} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
     --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --profile --out "$OUT"
+step train_flex ${TRAIN_FLEX_LIMIT:-180} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
+    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --attention flex --out "$OUT"
+step flex_check 90 python3 -m pytest -q -p no:cacheprovider tests/test_packed_loss.py -k flex
 step train_compile ${TRAIN_COMPILE_LIMIT:-150} python3 benchmarks/train_throughput.py --preset janusflow-1.3b \
     --stages 2 --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --compile \
     --out "$OUT/compile"

@@ -9,6 +9,9 @@ corpus rendered at the preset's image size, with random weights (speed does not 
 FLOPs are counted once per stage with torch.utils.flop_counter on a full training step (matmuls,
 convolutions and attention, forward and backward, as executed), then steps are timed without it.
 MFU = counted FLOPs per second / the device's dense bf16 peak. Writes JSON and a markdown table.
+`--attention flex` (CUDA only) runs the LLM's attention under FlexAttention with a block mask that
+skips the blocks between packed samples; its FLOPs are what FlopCounterMode attributes to it, so
+compare the two modes by s/step.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
                       steps=args.warmup + args.steps + 1, rows=args.rows, max_len=args.max_len,
                       save_every=10**6, device=args.device, dtype=args.dtype,
                       activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                      sample_prompts=0, sample_questions=0,
+                      attention=args.attention, sample_prompts=0, sample_questions=0,
                       tracking_uri=f"sqlite:///{out.parent}/mlflow.db").validate()
     trainer = Trainer(cfg, progress=False)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
+                        help="the LLM's attention over packed rows (flex: CUDA only)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per stage (torch.profiler, top operators)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -133,10 +138,11 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "device": device_name(args.device),
               "preset": args.preset, "dtype": args.dtype, "rows": args.rows, "max_len": args.max_len,
               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-              "stages": results}
+              "attention": args.attention, "stages": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_throughput_{args.preset}_{args.device.split(':')[0]}_{args.dtype}"
+    stem = f"train_throughput_{args.preset}_{args.device.split(':')[0]}_{args.dtype}" + \
+        ("_flex" if args.attention == "flex" else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = ["| date | device | preset | dtype | stage | rows x max_len | tokens/s | images/s | "
              "s/step | TFLOP/step | achieved TFLOP/s | MFU |", "|" + " --- |" * 12]

@@ -69,8 +69,21 @@ class PackedBatch:
 
     def attention_mask(self, *, full_image: bool = False) -> torch.Tensor:
         """full_image: a generation sample's z tokens see each other (gen.image_attention 'full')."""
-        return block_causal_mask(self.segment_ids, self.visible,
-                                 together=self.roles == GEN_IMAGE if full_image else None)
+        return block_causal_mask(*self.mask_inputs(full_image=full_image))
+
+    def mask_inputs(self, *, full_image: bool = False) -> tuple:
+        """(segment_ids, visible, together or None): what block_causal_mask and flex_block_mask read."""
+        return self.segment_ids, self.visible, self.roles == GEN_IMAGE if full_image else None
+
+
+def may_attend(seg_q, seg_k, visible_k, q, k, together_q=None, together_k=None):
+    """The packing rule on index-aligned (broadcastable) tensors: query q may attend key k iff both
+    are in the same sample, k <= q (or both are marked `together`) and k is visible; every token
+    also attends itself. One rule for the dense mask and for FlexAttention's mask_mod."""
+    order = k <= q
+    if together_q is not None:
+        order = order | (together_q & together_k)
+    return ((seg_q == seg_k) & (seg_q >= 0) & order & visible_k) | (q == k)
 
 
 def block_causal_mask(segment_ids: torch.Tensor, visible: torch.Tensor,
@@ -81,14 +94,32 @@ def block_causal_mask(segment_ids: torch.Tensor, visible: torch.Tensor,
     attends itself, so no query row is empty (padding and dropped tokens see only themselves).
     Tokens marked in `together` (B, T) also see the later ones of their sample so marked.
     """
-    t = segment_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] >= 0)
-    if together is not None:
-        causal = causal | (together[:, :, None] & together[:, None, :])
-    mask = same & causal & visible[:, None, :]
-    mask |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    pair = (together[:, :, None], together[:, None, :]) if together is not None else ()
+    mask = may_attend(segment_ids[:, :, None], segment_ids[:, None, :], visible[:, None, :],
+                      idx[:, None], idx[None, :], *pair)
     return mask[:, None]
+
+
+def block_causal_mask_mod(segment_ids: torch.Tensor, visible: torch.Tensor,
+                          together: torch.Tensor | None = None):
+    """The same mask as a FlexAttention mask_mod(b, h, q, kv) -> bool, read from the (B, T)
+    tensors instead of a (B, 1, T, T) one: torch.nn.attention.flex_attention.create_block_mask
+    turns it into a BlockMask whose kernel skips the blocks between samples."""
+    def mask_mod(b, h, q, kv):
+        pair = (together[b, q], together[b, kv]) if together is not None else ()
+        return may_attend(segment_ids[b, q], segment_ids[b, kv], visible[b, kv], q, kv, *pair)
+
+    return mask_mod
+
+
+def flex_block_mask(segment_ids: torch.Tensor, visible: torch.Tensor, together: torch.Tensor | None = None):
+    """A FlexAttention BlockMask of block_causal_mask, built where the (B, T) tensors are."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, t = segment_ids.shape
+    return create_block_mask(block_causal_mask_mod(segment_ids, visible, together), b, None, t, t,
+                             device=segment_ids.device)
 
 
 def collate_packed(rows: list[list[Encoded]], *, max_len: int, pad_id: int) -> PackedBatch:

@@ -135,3 +135,63 @@ def test_frozen_encoders_run_under_the_objectives_autocast(tiny_copy):
     finally:
         for h in hooks:
             h.remove()
+
+
+def _flex_vs_dense(model, proc, device: str, *, grads: bool):
+    """The packed losses (and, with grads, the LLM's gradients) with the dense mask under SDPA and
+    with the FlexAttention BlockMask built from the same rows."""
+    from data.packing import flex_block_mask
+
+    samples = _samples(proc, model.config)
+    inputs, batch = _inputs(model, samples, [[3, 0], [2, 1]], 256, proc.pad_id)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    model.to(device)
+    gens = torch.stack([s.image for s in samples if s.kind == "gen"])[[1, 0]].to(device)  # row order: 3, 1
+    latents = model.encode_images(gens)
+    fixed = dict(latents=latents, repa_target=model.repa_target(gens), t=torch.tensor([0.3, 0.8], device=device),
+                 noise=torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device))
+    seg, vis, tog = (None if x is None else x.to(device)
+                     for x in batch.mask_inputs(full_image=model.config.gen.full_image_attention))
+    results = []
+    for attention, mask in (("sdpa", inputs["attention_mask"]), ("flex_attention", flex_block_mask(seg, vis, tog))):
+        model.llm.set_attn_implementation(attention)
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grads):
+            out = packed_losses(model, **{**inputs, "attention_mask": mask}, **fixed)
+            if grads:
+                out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.grad is not None}))
+    model.llm.set_attn_implementation("sdpa")
+    return results, (seg, vis, tog, inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("variant", ["release", "full_attention"])
+def test_flex_block_mask_is_the_dense_mask(variant):
+    """`attention: flex` builds a FlexAttention BlockMask from the (B, T) segment tensors instead of the
+    dense (B, 1, T, T) mask: the same mask entry by entry, blocks between samples skipped, and the
+    same packed losses (forward only: FlexAttention has no backward on CPU; the CUDA test does it)."""
+    from data.packing import block_causal_mask_mod, flex_block_mask
+
+    pipe = tiny_variant(variant)
+    randomize_(pipe.model)
+    ((dense, _), (flex, _)), (seg, vis, tog, mask) = _flex_vs_dense(pipe.model, pipe.processor, "cpu",
+                                                                     grads=False)
+    b, t = seg.shape
+    grid = block_causal_mask_mod(seg, vis, tog)(torch.arange(b)[:, None, None], None,
+                                                torch.arange(t)[None, :, None], torch.arange(t)[None, None, :])
+    assert torch.equal(grid, mask[:, 0])
+    assert flex_block_mask(seg, vis, tog).sparsity() > 0
+    for key in ("ar", "rf", "repa"):
+        assert abs(float(dense[key]) - float(flex[key])) < 1e-5, key
+    assert float(dense["ar"]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
+def test_flex_block_mask_trains_like_the_dense_mask_on_cuda():
+    pipe = tiny_variant("release")
+    randomize_(pipe.model)
+    (dense, dense_grads), (flex, flex_grads) = _flex_vs_dense(pipe.model, pipe.processor, "cuda", grads=True)[0]
+    assert abs(float(dense["loss"]) - float(flex["loss"])) < 1e-4
+    assert dense_grads.keys() == flex_grads.keys() and dense_grads
+    for name, g in dense_grads.items():
+        assert torch.allclose(g, flex_grads[name], atol=1e-4, rtol=1e-3), name

@@ -215,6 +215,10 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(final_lr=1.5).validate(check_paths=False)
     with pytest.raises(ConfigError, match="t_std must be positive"):
         TrainConfig(t_std=0.0).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="attention must be one of sdpa, flex"):
+        TrainConfig(attention="flash").validate(check_paths=False)
+    with pytest.raises(ConfigError, match="attention: flex needs a CUDA device"):
+        TrainConfig(attention="flex").validate(check_paths=False)
     with pytest.raises(ConfigError, match="init: no model directory"):
         TrainConfig(init=str(tmp_path / "none"), corpus=str(train_env / "corpus")).validate()
     bad = tmp_path / "bad.yaml"
@@ -273,3 +277,29 @@ def test_what_training_learns_the_sampler_draws(tmp_path):
     d = ((z[:, None] - targets[None]) ** 2).mean((2, 3, 4))  # (drawn, target)
     own, others = d.diagonal(), d + torch.eye(4) * 1e9
     assert torch.all(own < 0.5 * others.min(1).values), d
+
+
+def test_flex_attention_inputs_give_the_dense_masks_objective(train_env, tmp_path):
+    """With `attention: flex` the trainer ships the rows' (B, T) segment tensors and makes the
+    BlockMask after the copy to the device; the objective's forward then equals the dense mask's.
+    (CPU cannot train with FlexAttention, so the config switch is made after validation here.)"""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    trainer = Trainer(_cfg(train_env, tmp_path / "flex", steps=1, prefetch=0), progress=False)
+    batch, _, host = trainer.stream.next_prepared(0)
+    assert host["attention_mask"].shape[-2:] == (256, 256) and "segment_ids" not in host
+    trainer.cfg.attention = "flex"
+    flex_host = trainer._prepare(0, batch)
+    assert "attention_mask" not in flex_host and flex_host["segment_ids"].shape == (2, 256)
+    outputs = []
+    for attention, inputs in (("sdpa", trainer._to_device(host)), ("flex_attention", trainer._to_device(flex_host))):
+        assert isinstance(inputs["attention_mask"], BlockMask) == (attention == "flex_attention")
+        trainer.model.llm.set_attn_implementation(attention)
+        with torch.no_grad():
+            outputs.append(trainer.objective(**inputs, generator=torch.Generator().manual_seed(0)))
+    trainer.model.llm.set_attn_implementation("sdpa")
+    dense, flex = outputs
+    for key in ("ar", "rf", "repa", "loss"):
+        if key in dense:
+            assert abs(float(dense[key]) - float(flex[key])) < 1e-5, key
+    assert "rf" in dense and "ar" in dense

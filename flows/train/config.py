@@ -18,6 +18,7 @@ STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: p
 STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
 DTYPES = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
+ATTENTION = ("sdpa", "flex")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,9 @@ class TrainConfig:
     dtype: str = "fp32"            # autocast dtype on GPU; the master weights stay fp32
     repa_weight: float = 1.0
     parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
+    attention: str = "sdpa"        # the LLM's attention over packed rows: "sdpa" with the dense
+                                   # (B, 1, T, T) mask, or "flex" (FlexAttention with a block mask
+                                   # that skips the blocks between samples; CUDA only)
     activation_checkpointing: bool = False
     compile: bool = False          # torch.compile each transformer block
     eval_every: int = 0            # sample grid + held-out answers every N steps (0: at the end only)
@@ -163,6 +167,11 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.attention == "flex" and not self.device.startswith("cuda"):
+            raise ConfigError(f"attention: flex needs a CUDA device (FlexAttention has no backward on "
+                              f"{self.device}); use attention: sdpa")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         from data.stages import stage_data

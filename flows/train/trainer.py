@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.packing import flex_block_mask
 from data.prefetch import PrefetchStream
 from data.shards import read_manifest
 from data.stages import stage_data
@@ -82,6 +83,8 @@ class Trainer:
         self.model, self.processor = from_pretrained(cfg.init)
         self.model.to(self.device)
         self.names = apply_stage(self.model, cfg.stage)
+        if cfg.attention == "flex":
+            self.model.llm.set_attn_implementation("flex_attention")
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:
@@ -235,16 +238,23 @@ class Trainer:
         None where another rank trains on it; runs on the prefetch thread when there is one."""
         if index // self.cfg.grad_accum != self.world.rank:
             return None
-        host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                    attention_mask=batch.attention_mask(
-                        full_image=self.model.config.gen.full_image_attention), roles=batch.roles,
+        full_image = self.model.config.gen.full_image_attention
+        host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, roles=batch.roles,
                     labels=batch.labels, und_pixels=batch.und_pixels, gen_pixels=batch.gen_pixels)
+        if self.cfg.attention == "flex":  # the block mask is built on the device from (B, T) tensors
+            host.update(zip(("segment_ids", "visible", "together"), batch.mask_inputs(full_image=full_image)))
+        else:
+            host["attention_mask"] = batch.attention_mask(full_image=full_image)
         if self.device.type == "cuda":
             host = {k: None if v is None else v.pin_memory() for k, v in host.items()}
         return host
 
     def _to_device(self, host: dict) -> dict:
-        return {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in host.items()}
+        inputs = {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in host.items()}
+        if "segment_ids" in inputs:
+            parts = [inputs.pop(k) for k in ("segment_ids", "visible", "together")]
+            inputs["attention_mask"] = flex_block_mask(*parts)
+        return inputs
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
