@@ -178,6 +178,7 @@ class Trainer:
         start = time.perf_counter()
         sums: dict[str, float] = {}
         rf_bins: dict[int, list[float]] = {}
+        outs: list[dict[str, torch.Tensor]] = []  # read on the host once, after the backward passes
         self.optimizer.zero_grad(set_to_none=True)
         accum = cfg.grad_accum
         for m in range(accum * world.size):
@@ -190,25 +191,34 @@ class Trainer:
             sync = nullcontext() if last or not hasattr(self.objective, "no_sync") else self.objective.no_sync()
             with sync:
                 out = self.objective(**self._to_device(host), generator=gen)
-                if world.any(not bool(torch.isfinite(out["loss"]))):
-                    terms = ", ".join(f"{k}={float(out[k]):.4g}" for k in ("ar", "rf", "repa") if k in out)
-                    raise TrainError(f"step {self.step + 1}: non-finite loss "
-                                     f"{float(out['loss'].detach())} ({terms}); stopped without saving")
                 (out["loss"] / accum).backward()
-            for k in ("loss", "ar", "rf", "repa"):
-                if k in out:
-                    _add(sums, k, float(out[k].detach()))
-                    _add(sums, f"n_{k}", 1.0)
+            outs.append({k: out[k].detach() for k in ("loss", "ar", "rf", "repa", "t", "rf_each") if k in out})
             for k, v in stats.items():
                 _add(sums, k, v)
             _add(sums, "micro_batches", 1.0)
-            if "rf_each" in out:
-                for t, rf in zip(out["t"].tolist(), out["rf_each"].tolist()):
-                    rf_bins.setdefault(min(int(t * 4), 3), []).append(rf)
             _add(sums, "tokens", batch.real_tokens)
             _add(sums, "images", (0 if batch.und_pixels is None else len(batch.und_pixels))
                  + len(batch.gen_keys))
-        norm = float(full(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)))
+        norm_t = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+        # The host waits for the device once per step, here, not between a forward and its backward
+        # (a wait there leaves the GPU idle while the host launches the backward). A non-finite loss
+        # still stops the run before the optimizer steps, so nothing it touched is kept or saved.
+        read = [{k: v.tolist() for k, v in o.items()} for o in outs]
+        bad = next((v for v in read if not np.isfinite(v["loss"])), None)
+        if world.any(bad is not None):
+            if bad is None:
+                raise TrainError(f"step {self.step + 1}: non-finite loss on another rank; stopped without saving")
+            terms = ", ".join(f"{k}={bad[k]:.4g}" for k in ("ar", "rf", "repa") if k in bad)
+            raise TrainError(f"step {self.step + 1}: non-finite loss {bad['loss']} ({terms}); "
+                             f"stopped without saving")
+        for v in read:
+            for k in ("loss", "ar", "rf", "repa"):
+                if k in v:
+                    _add(sums, k, v[k])
+                    _add(sums, f"n_{k}", 1.0)
+            for t, rf in zip(v.get("t", []), v.get("rf_each", [])):
+                rf_bins.setdefault(min(int(t * 4), 3), []).append(rf)
+        norm = float(full(norm_t))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
