@@ -2,8 +2,8 @@
 `--scale` times their steps, scored after each stage-2 chunk and after stage 3.
 
     python benchmarks/shapes_scale.py --device cuda --dtype bf16 --scale 10 --points 1,3,10   # a GPU
-    python benchmarks/shapes_scale.py --scale 0.02 --points 1,2 --images-per-prompt 1 \
-        --max-questions 16 --prompt-gain 0                                                    # CPU smoke
+    python benchmarks/shapes_scale.py --scale 0.02 --points 0.01,0.02 --images-per-prompt 1 \
+        --max-questions 16 --prompt-gain 0                                     # CPU smoke, ~7 min
 
 The demo's gates (GenEval-shapes >= 0.6, held-out VQA >= 0.8) are out of reach of the 2-core CPU
 budget (docs/experiments.md: up to 3x the stage-2 steps moved neither); this measures whether the
@@ -67,7 +67,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no training chunk after this (0: none)")
     parser.add_argument("--out", default="benchmarks/results/shapes_scale")
     args = parser.parse_args()
-    points = sorted({float(p) for p in args.points.split(",")})
+    try:
+        points = sorted({float(p) for p in args.points.split(",")})
+    except ValueError:
+        points = []
     if not points or points[0] <= 0:
         raise SystemExit("--points: positive multiples of the stage-2 steps, e.g. 1,3,10")
 
