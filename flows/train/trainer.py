@@ -98,8 +98,11 @@ class Trainer:
         # After parallelize: FSDP2 replaces parameters with sharded DTensors.
         params = dict(self.model.named_parameters())
         self.params = {n: params[n] for n in self.names}
+        # fused: one multi-tensor kernel per step on CUDA instead of foreach's several passes over
+        # the fp32 weights and both moments (the 1.3B step spends tens of ms there)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
-                                           betas=cfg.betas, weight_decay=cfg.weight_decay)
+                                           betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
         settings = stage_data(cfg.stage, **cfg.data)
