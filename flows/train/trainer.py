@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # MLflow is imported by run() only: stepping a Trainer (bench
 
 NEW_PARTS = ("und_aligner", "beg_of_und_embed", "gen_encoder", "gen_enc_aligner", "gen_dec_norm",
              "gen_dec_aligner", "gen_decoder", "repa_head")
+# with `attention: flex`, the (B, T) tensors a micro-batch ships instead of its dense mask; the
+# BlockMask is made from them after the copy to the device
+FLEX_MASK_INPUTS = ("segment_ids", "visible", "together")
 TRAINABLE = {"1": NEW_PARTS, "2": NEW_PARTS + ("llm",), "3": NEW_PARTS + ("llm", "vision")}
 FROZEN = {"1": ("llm", "vision", "vae"), "2": ("vision", "vae"), "3": ("vae",)}
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -102,7 +105,7 @@ class Trainer:
         # the fp32 weights and both moments (the 1.3B step spends tens of ms there)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                           fused=self.device.type == "cuda" or None)
+                                           fused=True if self.device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
         settings = stage_data(cfg.stage, **cfg.data)
@@ -255,7 +258,7 @@ class Trainer:
         host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, roles=batch.roles,
                     labels=batch.labels, und_pixels=batch.und_pixels, gen_pixels=batch.gen_pixels)
         if self.cfg.attention == "flex":  # the block mask is built on the device from (B, T) tensors
-            host.update(zip(("segment_ids", "visible", "together"), batch.mask_inputs(full_image=full_image)))
+            host.update(zip(FLEX_MASK_INPUTS, batch.mask_inputs(full_image=full_image)))
         else:
             host["attention_mask"] = batch.attention_mask(full_image=full_image)
         if self.device.type == "cuda":
@@ -265,8 +268,7 @@ class Trainer:
     def _to_device(self, host: dict) -> dict:
         inputs = {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in host.items()}
         if "segment_ids" in inputs:
-            parts = [inputs.pop(k) for k in ("segment_ids", "visible", "together")]
-            inputs["attention_mask"] = flex_block_mask(*parts)
+            inputs["attention_mask"] = flex_block_mask(*(inputs.pop(k) for k in FLEX_MASK_INPUTS))
         return inputs
 
     # -- checkpoints --------------------------------------------------------------------------------
