@@ -14,6 +14,8 @@ def cmd_train(args) -> None:
     parent = os.environ.get(PARENT_RUN_ENV) or None
     cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
                       out=args.out, steps=args.steps)
+    if cfg.procs > 1 and cfg.stage != "bootstrap" and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(launch_processes(args, cfg.procs))
     if cfg.stage == "bootstrap":
         from flows.train.bootstrap import Bootstrap
 
@@ -30,6 +32,30 @@ def cmd_train(args) -> None:
         close_world(trainer.world)
     if trainer.world.main:
         print(f"stage {cfg.stage}: trained {cfg.steps} steps; EMA model in {model_dir}")
+
+
+def launch_processes(args, procs: int) -> int:
+    """Run this same command in `procs` local processes under torchrun (the config was checked
+    here first, so a bad one fails once, in one line). Each process gets an equal share of the
+    CPU threads unless OMP_NUM_THREADS is set. Returns the exit code of the group."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["--config", args.config] if args.config else []
+    for flag in ("stage", "init", "corpus", "out", "steps"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
+    threads = max(1, len(os.sched_getaffinity(0)) // procs)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "flows.cli", "train", *argv]
+    done = subprocess.run(cmd, env=env)
+    if done.returncode:
+        print(f"janusflow: error: training failed in one of its {procs} processes (exit "
+              f"{done.returncode}); see the output above", file=sys.stderr)
+    return done.returncode
 
 
 def add_train_command(sub) -> None:

@@ -12,11 +12,11 @@ from flows.train.config import ConfigError, TrainConfig
 from models.checkpoint import from_pretrained
 
 
-def _boot_cfg(env, out, **bootstrap):
+def _boot_cfg(env, out, procs: int = 1, **bootstrap):
     parts = dict(preset="tiny", vae_steps=4, vae_batch=4, siglip_steps=4, siglip_batch=8, llm_steps=12,
                  llm_batch=4, llm_seq_len=32, warmup=2)
     parts.update(bootstrap)
-    return TrainConfig.from_dict(dict(stage="bootstrap", corpus=str(env / "corpus"), out=str(out),
+    return TrainConfig.from_dict(dict(stage="bootstrap", corpus=str(env / "corpus"), out=str(out), procs=procs,
                                       tracking_uri=f"sqlite:///{env}/mlflow.db", bootstrap=parts)).validate()
 
 
@@ -68,6 +68,46 @@ def test_resume_skips_finished_parts(booted, train_env):
     model, _ = from_pretrained(out / "model")
     assert model.config.vae.scaling_factor == resumed.model.config.vae.scaling_factor
     assert torch.equal(model.llm.lm_head.weight, resumed.model.llm.lm_head.weight)
+
+
+def test_two_processes_train_the_same_parts(booted, train_env, tmp_path):
+    """procs: 2 trains the VAE in a spawned process: the same weights, scaling, metrics rows and
+    MLflow history as the one-process run (up to the threads' summation order)."""
+    one, fresh, _ = booted
+    out = tmp_path / "two"
+    boot = Bootstrap(_boot_cfg(train_env, out, procs=2), progress=False)
+    boot.run()
+    a, _ = from_pretrained(one / "model")
+    b, _ = from_pretrained(out / "model")
+    pb = dict(b.named_parameters())
+    compared = 0
+    for name, p in a.named_parameters():  # Adam turns summation-order noise into up to lr-sized steps,
+        moved = float((p.detach() - fresh[name]).abs().max())  # so compare with how far training moved
+        if moved > 1e-4:  # (not e.g. attention key biases, whose gradient is zero up to rounding)
+            assert float((p - pb[name]).detach().abs().max()) <= 0.02 * moved, name
+            compared += name.startswith("vae.")
+    assert compared > 20
+    assert b.config.vae.scaling_factor == pytest.approx(a.config.vae.scaling_factor, rel=1e-5)
+    both = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, out)]
+    key = lambda r: (r["step"], sorted(r))  # noqa: E731 - the VAE's rows come last with two processes
+    seq, par = (sorted(r, key=key) for r in both)
+    assert [key(r) for r in seq] == [key(r) for r in par]
+    for x, y in zip(seq, par):
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    client = MlflowClient(tracking_uri=boot.cfg.tracking_uri)
+    run_id = json.loads((out / "parts" / "meta.json").read_text())["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "vae_loss")] == [1, 2, 3, 4]
+    assert min(m.step for m in client.get_metric_history(run_id, "siglip_loss")) == 5
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_failing_second_process_fails_the_bootstrap_in_one_line(train_env, tmp_path):
+    boot = Bootstrap(_boot_cfg(train_env, tmp_path / "nan", procs=2, vae_lr=1e30, vae_steps=6), progress=False)
+    with pytest.raises(ValueError, match=r"^bootstrap vae \(second process\) failed: ValueError: bootstrap "
+                                         r"step \d+: non-finite loss"):
+        boot.run()
+    assert not (tmp_path / "nan" / "parts" / "vae.safetensors").exists()
 
 
 def test_sigmoid_loss_is_siglips_own_and_hard_negatives_only_add_negative_terms():

@@ -219,6 +219,10 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(attention="flash").validate(check_paths=False)
     with pytest.raises(ConfigError, match="attention: flex needs a CUDA device"):
         TrainConfig(attention="flex").validate(check_paths=False)
+    with pytest.raises(ConfigError, match="procs must be >= 1, got 0"):
+        TrainConfig(procs=0).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="procs must be 1 or 2 for stage bootstrap"):
+        TrainConfig(stage="bootstrap", procs=3).validate(check_paths=False)
     with pytest.raises(ConfigError, match="init: no model directory"):
         TrainConfig(init=str(tmp_path / "none"), corpus=str(train_env / "corpus")).validate()
     bad = tmp_path / "bad.yaml"

@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes on gloo reproduces 1 process with the same global batch."""
+"""torchrun with 2 CPU processes on gloo reproduces 1 process with the same global batch; a config's
+`procs: 2` starts the same two processes from a plain `janusflow train`."""
 
 import json
 import os
@@ -14,13 +15,15 @@ from models.checkpoint import from_pretrained
 from test_train import _cfg, _losses
 
 
-def _torchrun(cfg, tmp_path, nproc: int = 2) -> subprocess.CompletedProcess:
+def _train(cfg, tmp_path, launcher: list[str]) -> subprocess.CompletedProcess:
     path = tmp_path / f"{cfg.parallel}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "flows.cli", "train", "--config", str(path),
+    return subprocess.run([sys.executable, *launcher, "-m", "flows.cli", "train", "--config", str(path),
                            "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,10 @@ def one_process(train_env, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(train_env, one_process, tmp_path, mode):
-    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode)
-    done = _torchrun(cfg, tmp_path)
+    # ddp: `procs: 2` in the config, started as one plain process; fsdp: started by torchrun
+    procs = 2 if mode == "ddp" else 1
+    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode, procs=procs)
+    done = _train(cfg, tmp_path, [] if procs > 1 else TORCHRUN)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _losses(one_process), _losses(tmp_path / mode)
     assert [r["step"] for r in b] == [1, 2, 3]

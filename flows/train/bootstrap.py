@@ -11,7 +11,8 @@ Three parts, each a short loop of its own:
 - LLM: next-token loss on the corpus' text (text samples, captions, prompts, questions and answers).
 
 Each finished part is saved under OUT/parts; `--resume` skips the parts already done (a part is a
-few minutes on CPU, so the unit of loss on a crash is the part in progress).
+few minutes on CPU, so the unit of loss on a crash is the part in progress). With `procs: 2` the VAE
+trains in a second process alongside the other two (flows/train/bootstrap_side.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import AutoTokenizer, SiglipConfig, SiglipModel
 
 from data.sequences import conversation_turns, decode_image, preprocess_generation
 from data.shards import ShardReader, read_manifest
+from flows.train.bootstrap_side import SidePart
 from flows.train.config import TrainConfig
 from flows.train.tracking import Tracker
 from models.checkpoint import save_pretrained
@@ -38,6 +40,7 @@ from models.processor import JanusFlowProcessor
 from models.tokenizer import IMAGE
 
 PARTS = ("vae", "siglip", "llm")
+SIDE_PART = "vae"  # with procs: 2 the VAE (the longest part) trains in a second process
 
 
 class Bootstrap:
@@ -69,12 +72,19 @@ class Bootstrap:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({"run_id": tracker.run_id}))
         self.log = open(self.out / "metrics.jsonl", "a")
+        side = None
         try:
+            if self.cfg.procs == 2 and not (self.resume and (self.parts_dir / f"{SIDE_PART}.safetensors").is_file()):
+                side = SidePart(self, SIDE_PART)
             for part in PARTS:
+                if side is not None and part == side.part:
+                    continue
                 if self.resume and self._load_part(part):
                     continue
                 getattr(self, f"train_{part}")(tracker)
                 self._save_part(part)
+            if side is not None:
+                side.join(tracker)
             self.model.eval()
             model_dir = save_pretrained(self.model, self.processor, self.out / "model")
             tracker.finish(self.out, status="FINISHED")
@@ -83,6 +93,8 @@ class Bootstrap:
             tracker.finish(self.out, status="FAILED")
             raise
         finally:
+            if side is not None:
+                side.stop()
             self.log.close()
 
     # -- parts --------------------------------------------------------------------------------------
@@ -262,10 +274,16 @@ class Bootstrap:
             self.step += 1
             first = next(k for k in metrics if k.endswith("_loss"))
             self._bar.set_postfix({first: f"{metrics[first]:.4f}"})
-        self.log.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        self._write(tracker, self.step, metrics)
+
+    def _write(self, tracker: Tracker | None, step: int, metrics: dict) -> None:
+        """One row of metrics.jsonl, and of the MLflow run every log_every steps (no tracker: the
+        second process of SidePart, whose rows the first one logs when it joins)."""
+        self.log.write(json.dumps({"step": step, **metrics}) + "\n")
         self.log.flush()
-        if self.step % self.cfg.log_every == 0 or not any(k.endswith("_loss") for k in metrics):
-            tracker.log_metrics(metrics, self.step)
+        if tracker is not None and (step % self.cfg.log_every == 0
+                                    or not any(k.endswith("_loss") for k in metrics)):
+            tracker.log_metrics(metrics, step)
 
     def _set_scaling(self, factor: float) -> None:
         self.model.config.vae.scaling_factor = factor

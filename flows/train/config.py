@@ -103,6 +103,10 @@ class TrainConfig:
     dtype: str = "fp32"            # autocast dtype on GPU; the master weights stay fp32
     repa_weight: float = 1.0
     parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
+    procs: int = 1                 # started without torchrun, `janusflow train` runs the stage in this
+                                   # many local processes (torchrun --standalone, one thread each on a
+                                   # 2-core CPU); the global batch is rows x grad_accum x procs.
+                                   # Bootstrap: 2 trains the VAE in a second process
     attention: str = "sdpa"        # the LLM's attention over packed rows: "sdpa" with the dense
                                    # (B, 1, T, T) mask, or "flex" (FlexAttention with a block mask
                                    # that skips the blocks between samples; CUDA only)
@@ -145,7 +149,7 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         for name in ("steps", "rows", "max_len", "grad_accum", "save_every", "log_every",
-                     "keep_checkpoints", "sample_steps"):
+                     "keep_checkpoints", "sample_steps", "procs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "sample_prompts", "sample_questions", "prefetch"):
@@ -177,6 +181,9 @@ class TrainConfig:
         from data.stages import stage_data
 
         if self.stage == "bootstrap":
+            if self.procs > 2:
+                raise ConfigError(f"procs must be 1 or 2 for stage bootstrap (2: the VAE trains in a "
+                                  f"second process), got {self.procs}")
             self.bootstrap.validate()
         else:
             try:
