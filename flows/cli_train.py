@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
 
 PARENT_RUN_ENV = "JANUSFLOW_PARENT_RUN_ID"  # set by the Prefect pipeline: stage runs nest under it
 
 
 def cmd_train(args) -> None:
+    with sigterm_unwinds():
+        _train(args)
+
+
+def _train(args) -> None:
     import os
 
     from flows.train.config import load_config
@@ -15,7 +25,10 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
                       out=args.out, steps=args.steps)
     if cfg.procs > 1 and cfg.stage != "bootstrap" and "WORLD_SIZE" not in os.environ:
-        raise SystemExit(launch_processes(args, cfg.procs))
+        code = launch_processes(args, cfg.procs)
+        if code:
+            raise SystemExit(code)
+        return
     if cfg.stage == "bootstrap":
         from flows.train.bootstrap import Bootstrap
 
@@ -49,13 +62,40 @@ def launch_processes(args, procs: int) -> int:
     argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
     threads = max(1, len(os.sched_getaffinity(0)) // procs)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    # each process imports this very package, whatever the working directory holds
+    root = Path(__file__).resolve().parents[1]
+    entry = f"import sys; sys.path.insert(0, {str(root)!r}); from flows.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "flows.cli", "train", *argv]
-    done = subprocess.run(cmd, env=env)
-    if done.returncode:
-        print(f"janusflow: error: training failed in one of its {procs} processes (exit "
-              f"{done.returncode}); see the output above", file=sys.stderr)
-    return done.returncode
+           "--no-python", sys.executable, "-c", entry, "train", *argv]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM here: torchrun passes it on to the processes
+        proc.terminate()
+        proc.wait()
+        raise
+    if code:
+        print(f"janusflow: error: training failed in one of its {procs} processes (exit {code}); "
+              "see the output above", file=sys.stderr)
+    return code
+
+
+@contextmanager
+def sigterm_unwinds():
+    """While inside, SIGTERM (a scheduler cancelling the run) raises SystemExit, so the stage's
+    cleanup runs: a second process or a torchrun group is stopped, the MLflow run marked failed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_train_command(sub) -> None:
