@@ -57,3 +57,16 @@ def test_two_processes_match_one_with_the_same_global_batch(train_env, one_proce
     assert moved
     meta = json.loads(next((tmp_path / mode / "checkpoints").glob("step-*/meta.json")).read_text())
     assert meta["world_size"] == 2 and meta["step"] == 3
+
+
+def test_more_processes_than_gpus_is_one_line_before_joining(monkeypatch):
+    """A process whose local rank has no GPU (e.g. `procs: 2` on a one-GPU machine) stops with one
+    line naming the setting, before it waits for a process group that would never form."""
+    from flows.train.distributed import init_world
+
+    gpus = torch.cuda.device_count()
+    monkeypatch.setenv("WORLD_SIZE", str(max(2, gpus + 1)))
+    monkeypatch.setenv("RANK", str(gpus))
+    monkeypatch.setenv("LOCAL_RANK", str(gpus))
+    with pytest.raises(ValueError, match=rf"local process {gpus} has no GPU of its own \({gpus} visible\)"):
+        init_world("cuda")

@@ -58,6 +58,10 @@ def init_world(device: str) -> tuple[World, torch.device]:
         return World(), dev
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"local process {local} has no GPU of its own ({torch.cuda.device_count()} "
+                             f"visible): start at most that many processes per machine (procs, "
+                             f"--nproc_per_node)")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
