@@ -44,10 +44,12 @@ KEPT = ("geneval_overall", "geneval_single_object", "geneval_two_object", "genev
 def stage_config(name: str, **overrides) -> dict:
     """configs/shapes/NAME.yaml for one in-process run: a config's `procs` (the CPU demo's local
     processes) becomes that many times the rows, the same global batch in this one process."""
+    from flows.train.config import TrainConfig
+
     config = yaml.safe_load((ROOT / "configs" / "shapes" / f"{name}.yaml").read_text())
     procs = config.pop("procs", 1)
     if name != "bootstrap":
-        config["rows"] = config.get("rows", 2) * procs
+        config["rows"] = config.get("rows", TrainConfig.rows) * procs
     config.update(overrides)
     return config
 

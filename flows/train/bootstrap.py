@@ -74,7 +74,7 @@ class Bootstrap:
         self.log = open(self.out / "metrics.jsonl", "a")
         side = None
         try:
-            if self.cfg.procs == 2 and not (self.resume and (self.parts_dir / f"{SIDE_PART}.safetensors").is_file()):
+            if self.cfg.procs == 2 and not (self.resume and self._part_file(SIDE_PART).is_file()):
                 side = SidePart(self, SIDE_PART)
             for part in PARTS:
                 if side is not None and part == side.part:
@@ -293,15 +293,18 @@ class Bootstrap:
     def _part_modules(self, part: str) -> torch.nn.Module:
         return {"vae": self.model.vae, "siglip": self.model.vision, "llm": self.model.llm}[part]
 
+    def _part_file(self, part: str) -> Path:
+        return self.parts_dir / f"{part}.safetensors"
+
     def _save_part(self, part: str) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self._part_modules(part).state_dict().items()}
         tmp = self.parts_dir / f".{part}.safetensors.tmp"
         save_file(state, str(tmp), metadata={"scaling_factor": str(self.model.config.vae.scaling_factor),
                                              "step": str(self.step)})
-        tmp.rename(self.parts_dir / f"{part}.safetensors")
+        tmp.rename(self._part_file(part))
 
     def _load_part(self, part: str) -> bool:
-        path = self.parts_dir / f"{part}.safetensors"
+        path = self._part_file(part)
         if not path.is_file() or (part == "siglip" and not (self.out / "siglip").is_dir()):
             return False
         from safetensors import safe_open
