@@ -11,7 +11,8 @@ convolutions and attention, forward and backward, as executed), then steps are t
 MFU = counted FLOPs per second / the device's dense bf16 peak. Writes JSON and a markdown table.
 `--attention flex` (CUDA only) runs the LLM's attention under FlexAttention with a block mask that
 skips the blocks between packed samples; its FLOPs are what FlopCounterMode attributes to it, so
-compare the two modes by s/step.
+compare the two modes by s/step. `--attention segments` runs SDPA once per block of whole samples
+(`models/attention.py`, the CPU's way to skip those blocks); its FLOPs are counted as executed too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +91,7 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
         times.append(time.perf_counter() - start)
         trainer.step += 1
     seconds = sum(times) / len(times)
+    ab = attention_ab(trainer, args) if args.attention_ab else None
     if args.profile:
         profile = profile_table(trainer.train_step, args.device)
         trainer.step += 1
@@ -103,12 +106,33 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
         "achieved_tflops": flops_per_step / seconds / 1e12,
         "mfu": (flops_per_step / seconds / peak) if peak else None,
     }
+    if ab:
+        result["attention_ab"] = ab
     if args.profile:
         result["profile"] = profile
     if args.device.startswith("cuda"):
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     return result
+
+
+def attention_ab(trainer: Trainer, args) -> dict:
+    """Median s/step of each LLM attention implementation in `--attention-ab`, switched every step
+    in this one process (alternating order), so the machine's drift reaches all of them alike."""
+    from models import attention as packed_attention
+
+    names = {"sdpa": "sdpa", "segments": packed_attention.register()}
+    chosen = args.attention_ab.split(",")
+    times: dict[str, list[float]] = {a: [] for a in chosen}
+    for i in range(args.steps):
+        for a in chosen if i % 2 == 0 else chosen[::-1]:
+            trainer.model.llm.set_attn_implementation(names[a])
+            start = time.perf_counter()
+            trainer.train_step()
+            times[a].append(time.perf_counter() - start)
+            trainer.step += 1
+    trainer.model.llm.set_attn_implementation(names[args.attention])
+    return {a: statistics.median(t) for a, t in times.items()}
 
 
 def main() -> None:
@@ -123,12 +147,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
-                        help="the LLM's attention over packed rows (flex: CUDA only)")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flex", "segments"],
+                        help="the LLM's attention over packed rows (flex: CUDA only; segments: SDPA "
+                             "per block of whole samples)")
+    parser.add_argument("--attention-ab", default="", metavar="A,B",
+                        help="also time these implementations (of sdpa, segments) against each other, "
+                             "switched every step, --steps each (CPU or GPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per stage (torch.profiler, top operators)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    bad = [a for a in args.attention_ab.split(",") if args.attention_ab and a not in ("sdpa", "segments")]
+    if bad or args.attention_ab and args.attention == "flex":
+        parser.error(f"--attention-ab takes sdpa and/or segments with --attention sdpa or segments, got "
+                     f"{args.attention_ab!r} with --attention {args.attention}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -142,7 +174,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_throughput_{args.preset}_{args.device.split(':')[0]}_{args.dtype}" + \
-        ("_flex" if args.attention == "flex" else "")
+        ("" if args.attention == "sdpa" else f"_{args.attention}")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = ["| date | device | preset | dtype | stage | rows x max_len | tokens/s | images/s | "
              "s/step | TFLOP/step | achieved TFLOP/s | MFU |", "|" + " --- |" * 12]
@@ -152,6 +184,8 @@ def main() -> None:
                      f"{r['stage']} | {args.rows} x {args.max_len} | {r['tokens_per_s']:.0f} | "
                      f"{r['images_per_s']:.1f} | {r['seconds_per_step']:.3f} | "
                      f"{r['tflops_per_step']:.3f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    lines += [f"\nStage {r['stage']}, attention switched every step (median s/step): " +
+              ", ".join(f"{a} {t:.3f}" for a, t in r["attention_ab"].items()) for r in results if "attention_ab" in r]
     lines += [f"\nProfile of one stage-{r['stage']} step:\n\n{r['profile']}" for r in results if "profile" in r]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -137,10 +137,12 @@ def test_frozen_encoders_run_under_the_objectives_autocast(tiny_copy):
             h.remove()
 
 
-def _flex_vs_dense(model, proc, device: str, *, grads: bool):
+def _versus_dense(model, proc, device: str, other: str, *, grads: bool):
     """The packed losses (and, with grads, the LLM's gradients) with the dense mask under SDPA and
-    with the FlexAttention BlockMask built from the same rows."""
+    under `other`: "flex" (the FlexAttention BlockMask built from the same rows) or "segments" (SDPA
+    per block of whole samples, `models/attention.py`, with the same dense mask)."""
     from data.packing import flex_block_mask
+    from models import attention as packed_attention
 
     samples = _samples(proc, model.config)
     inputs, batch = _inputs(model, samples, [[3, 0], [2, 1]], 256, proc.pad_id)
@@ -153,7 +155,9 @@ def _flex_vs_dense(model, proc, device: str, *, grads: bool):
     seg, vis, tog = (None if x is None else x.to(device)
                      for x in batch.mask_inputs(full_image=model.config.gen.full_image_attention))
     results = []
-    for attention, mask in (("sdpa", inputs["attention_mask"]), ("flex_attention", flex_block_mask(seg, vis, tog))):
+    second = (("flex_attention", flex_block_mask(seg, vis, tog)) if other == "flex"
+              else (packed_attention.register(), inputs["attention_mask"]))
+    for attention, mask in (("sdpa", inputs["attention_mask"]), second):
         model.llm.set_attn_implementation(attention)
         model.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(grads):
@@ -174,8 +178,8 @@ def test_flex_block_mask_is_the_dense_mask(variant):
 
     pipe = tiny_variant(variant)
     randomize_(pipe.model)
-    ((dense, _), (flex, _)), (seg, vis, tog, mask) = _flex_vs_dense(pipe.model, pipe.processor, "cpu",
-                                                                     grads=False)
+    ((dense, _), (flex, _)), (seg, vis, tog, mask) = _versus_dense(pipe.model, pipe.processor, "cpu", "flex",
+                                                                    grads=False)
     b, t = seg.shape
     grid = block_causal_mask_mod(seg, vis, tog)(torch.arange(b)[:, None, None], None,
                                                 torch.arange(t)[None, :, None], torch.arange(t)[None, None, :])
@@ -190,8 +194,46 @@ def test_flex_block_mask_is_the_dense_mask(variant):
 def test_flex_block_mask_trains_like_the_dense_mask_on_cuda():
     pipe = tiny_variant("release")
     randomize_(pipe.model)
-    (dense, dense_grads), (flex, flex_grads) = _flex_vs_dense(pipe.model, pipe.processor, "cuda", grads=True)[0]
+    (dense, dense_grads), (flex, flex_grads) = _versus_dense(pipe.model, pipe.processor, "cuda", "flex",
+                                                                        grads=True)[0]
     assert abs(float(dense["loss"]) - float(flex["loss"])) < 1e-4
     assert dense_grads.keys() == flex_grads.keys() and dense_grads
     for name, g in dense_grads.items():
         assert torch.allclose(g, flex_grads[name], atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("variant", ["release", "full_attention"])
+def test_segment_attention_trains_like_the_dense_mask(variant):
+    """`attention: segments` runs SDPA once per block of whole samples (the CPU's way to skip the work
+    between samples): the same losses and LLM gradients as the dense mask, causal or full image."""
+    pipe = tiny_variant(variant)
+    randomize_(pipe.model)
+    ((dense, dense_grads), (seg, seg_grads)), (*_, mask) = _versus_dense(pipe.model, pipe.processor, "cpu",
+                                                                        "segments", grads=True)
+    from models.attention import row_blocks
+    assert all(len(row_blocks(m)) > 1 for m in mask[:, 0])  # it did split the rows
+    assert pipe.model.llm.config._attn_implementation == "sdpa"  # restored
+    for key in ("loss", "ar", "rf", "repa"):
+        assert abs(float(dense[key]) - float(seg[key])) < 1e-5, key
+    assert dense_grads.keys() == seg_grads.keys() and dense_grads
+    for name, g in dense_grads.items():
+        assert torch.allclose(g, seg_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_row_blocks_cut_only_between_samples():
+    """The blocks are read off the mask: cut where no query crosses, merged up to a minimum size."""
+    from data.packing import block_causal_mask
+    from models.attention import row_blocks
+
+    seg = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4 + [-1] * 4])  # three samples, then padding
+    visible = seg >= 0
+    mask = block_causal_mask(seg, visible)[0, 0]
+    assert row_blocks(mask, min_block=1) == [5, 3, 4, 1, 1, 1, 1]  # padding: each token alone
+    assert row_blocks(mask, min_block=4) == [5, 7, 4]
+    assert row_blocks(mask, min_block=100) == [16]
+    # a key the next sample may see (never the packing rule, but the mask decides): no cut there
+    crossed = mask.clone()
+    crossed[6, 2] = True
+    assert row_blocks(crossed, min_block=1) == [8, 4, 1, 1, 1, 1]
+    together = block_causal_mask(seg, visible, torch.tensor([[0, 0, 1, 1, 1] + [0] * 11], dtype=torch.bool))
+    assert row_blocks(together[0, 0], min_block=1) == [5, 3, 4, 1, 1, 1, 1]  # later keys, same sample

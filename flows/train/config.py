@@ -18,7 +18,7 @@ STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: p
 STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
 DTYPES = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
-ATTENTION = ("sdpa", "flex")
+ATTENTION = ("sdpa", "flex", "segments")
 
 
 class ConfigError(ValueError):
@@ -108,8 +108,10 @@ class TrainConfig:
                                    # 2-core CPU); the global batch is rows x grad_accum x procs.
                                    # Bootstrap: 2 trains the VAE in a second process
     attention: str = "sdpa"        # the LLM's attention over packed rows: "sdpa" with the dense
-                                   # (B, 1, T, T) mask, or "flex" (FlexAttention with a block mask
-                                   # that skips the blocks between samples; CUDA only)
+                                   # (B, 1, T, T) mask; "flex" (FlexAttention with a block mask
+                                   # that skips the blocks between samples; CUDA only); or
+                                   # "segments" (SDPA once per block of whole samples: the same
+                                   # result without the work between samples; for the CPU)
     activation_checkpointing: bool = False
     compile: bool = False          # torch.compile each transformer block
     eval_every: int = 0            # sample grid + held-out answers every N steps (0: at the end only)

@@ -29,6 +29,7 @@ from flows.train.config import TrainConfig
 from flows.train.distributed import (apply_activation_checkpointing, apply_compile, full, init_world,
                                      local, parallelize)
 from flows.train.samples import write_samples
+from models import attention as packed_attention
 from models.checkpoint import from_pretrained
 from models.packed import PackedObjective
 from models.pipeline import JanusFlowPipeline
@@ -88,6 +89,8 @@ class Trainer:
         self.names = apply_stage(self.model, cfg.stage)
         if cfg.attention == "flex":
             self.model.llm.set_attn_implementation("flex_attention")
+        elif cfg.attention == "segments":
+            self.model.llm.set_attn_implementation(packed_attention.register())
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:
