@@ -186,6 +186,27 @@ def test_lr_schedule_warms_up_then_holds_or_decays(train_env, tmp_path):
     assert seen == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3, 0.0])
 
 
+def test_vision_lr_is_siglips_own_in_stage_three(train_env, tmp_path):
+    """`vision_lr`: SigLIP's weights step at their own LR (same warm-up), the rest at `lr`; ignored
+    by a stage that keeps SigLIP frozen."""
+    cfg = _cfg(train_env, tmp_path / "s3", stage="3", steps=2, warmup=2, lr=1e-3, vision_lr=1e-5,
+               sample_prompts=0, sample_questions=0)
+    trainer = Trainer(cfg, progress=False)
+    vision, rest = trainer.optimizer.param_groups[1], trainer.optimizer.param_groups[0]
+    assert {id(p) for p in vision["params"]} == {id(p) for n, p in trainer.params.items() if n.startswith("vision.")}
+    assert len(rest["params"]) + len(vision["params"]) == len(trainer.params)
+    assert (rest["lr"], vision["lr"]) == pytest.approx((5e-4, 5e-6))  # warm-up step 1 of 2
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    trainer.train_step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in trainer.params.items()}
+    # AdamW's first step moves each weight by about its LR
+    assert max(v for n, v in moved.items() if n.startswith("vision.")) < 2e-5
+    assert max(v for n, v in moved.items() if n.startswith("llm.")) > 2e-4
+    two = Trainer(_cfg(train_env, tmp_path / "s2", vision_lr=1e-5, sample_prompts=0, sample_questions=0),
+                  progress=False)
+    assert len(two.optimizer.param_groups) == 1  # stage 2: SigLIP frozen
+
+
 def test_ema_warms_up_then_holds_the_configured_decay(train_env, tmp_path):
     """Decay min(ema, (1 + n) / (10 + n)) after update n, so a short stage's EMA is not mostly its
     starting weights (with a flat 0.99, 100 steps would keep 37% of them); the trainer applies it."""
@@ -213,6 +234,8 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(lr=-1.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match=r"final_lr must be in \[0, 1\]"):
         TrainConfig(final_lr=1.5).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="vision_lr must be positive"):
+        TrainConfig(vision_lr=0.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="t_std must be positive"):
         TrainConfig(t_std=0.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="attention must be one of sdpa, flex"):

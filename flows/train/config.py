@@ -84,6 +84,8 @@ class TrainConfig:
     warmup: int | None = None
     final_lr: float = 1.0          # LR at the last step as a fraction of lr, reached linearly after
                                    # the warm-up (1.0: constant, the paper's schedule)
+    vision_lr: float | None = None  # SigLIP's own LR where the stage trains it (stage 3); None: lr.
+                                   # Same warm-up and schedule as lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -159,6 +161,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"lr must be positive, got {self.learning_rate}")
+        if self.vision_lr is not None and self.vision_lr <= 0:
+            raise ConfigError(f"vision_lr must be positive, got {self.vision_lr}")
         if not 0.0 <= self.final_lr <= 1.0:
             raise ConfigError(f"final_lr must be in [0, 1] (a fraction of lr), got {self.final_lr}")
         if self.warmup_steps < 0:

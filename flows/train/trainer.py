@@ -106,7 +106,7 @@ class Trainer:
         self.params = {n: params[n] for n in self.names}
         # fused: one multi-tensor kernel per step on CUDA instead of foreach's several passes over
         # the fp32 weights and both moments (the 1.3B step spends tens of ms there)
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay,
                                            fused=True if self.device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
@@ -178,6 +178,15 @@ class Trainer:
             bar.close()
             if log:
                 log.close()
+
+    def _param_groups(self) -> list[dict]:
+        """One AdamW group at `lr`, then SigLIP's at `vision_lr` when set and the stage trains it
+        (the schedule scales both alike; group 0's LR is the one logged)."""
+        vision = [p for n, p in self.params.items() if n.startswith("vision.")]
+        if self.cfg.vision_lr is None or not vision:
+            return [{"params": list(self.params.values())}]
+        rest = [p for n, p in self.params.items() if not n.startswith("vision.")]
+        return [{"params": rest}, {"params": vision, "lr": self.cfg.vision_lr}]
 
     def train_step(self) -> dict:
         """One optimizer step over micro-batch x grad_accum x world size packed rows."""
