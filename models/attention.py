@@ -39,14 +39,26 @@ def row_blocks(mask_TT: torch.Tensor, min_block: int = MIN_BLOCK) -> list[int]:
     return sizes
 
 
+# Every layer of one forward gets the same mask tensor: its blocks are found once, by the first.
+_last: tuple[torch.Tensor, list[list[int]]] | None = None
+
+
+def _blocks_of(mask_B1TT: torch.Tensor) -> list[list[int]]:
+    global _last
+    if _last is None or _last[0] is not mask_B1TT:
+        _last = (mask_B1TT, [row_blocks(m[0]) for m in mask_B1TT])
+    return _last[1]
+
+
 def segments_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature: (B, H, T, D) tensors in, (B, T, H, D) out."""
     if attention_mask is None or attention_mask.dtype != torch.bool or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    blocks = _blocks_of(attention_mask)
     rows = []
     for b, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
-        m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]
-        sizes = row_blocks(m)
+        row = b if attention_mask.shape[0] > 1 else 0
+        m, sizes = attention_mask[row, 0], blocks[row]
         parts, at = [], 0
         for q_, k_, v_, n in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), sizes):
             sub = m[at:at + n, at:at + n][None, None]
