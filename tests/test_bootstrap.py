@@ -100,6 +100,7 @@ def test_two_processes_train_the_same_parts(booted, train_env, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "vae_loss")] == [1, 2, 3, 4]
     assert min(m.step for m in client.get_metric_history(run_id, "siglip_loss")) == 5
     assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (out / "parts" / "vae.threads").exists()  # the hand-over of the first process's threads
 
 
 def test_a_failing_second_process_fails_the_bootstrap_in_one_line(train_env, tmp_path):
@@ -224,3 +225,57 @@ def test_clip_score_reads_the_bootstrap_siglip_with_its_training_tokens(booted, 
         o = model(input_ids=ids, pixel_values=torch.stack([pil_to_tensor(i) for i in images]))
     expected = torch.nn.functional.cosine_similarity(o.image_embeds, o.text_embeds).mean()
     assert -1.0 <= score <= 1.0 and score == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_random_crops_are_windows_of_each_image_at_their_own_offsets():
+    from flows.train.bootstrap import random_crops
+
+    images = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8)
+    crops = random_crops(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (16, 3, 4, 4)
+    offsets = set()
+    for image, crop in zip(images, crops):
+        y, x = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 8)
+        assert torch.equal(crop, image[:, y:y + 4, x:x + 4])
+        offsets.add((y, x))
+    assert len(offsets) > 4
+
+
+def test_vae_trains_on_crops_first_then_whole_images(train_env, tmp_path):
+    cfg = _boot_cfg(train_env, tmp_path / "crop", vae_steps=4, vae_crop=8, vae_crop_steps=3)
+    boot = Bootstrap(cfg, progress=False)
+    size = boot.model.config.gen.image_size
+    assert size > 8
+    sizes, encode = [], boot.model.vae.encode
+    boot.model.vae.encode = lambda x: (sizes.append(tuple(x.shape[-2:])), encode(x))[1]
+    boot.out.mkdir(parents=True)
+    with open(boot.out / "metrics.jsonl", "w") as boot.log:
+        boot.train_vae(None)
+    assert sizes[:4] == [(8, 8)] * 3 + [(size, size)]
+    with pytest.raises(ConfigError, match=r"^bootstrap\.vae_crop must be 0 or a multiple"):
+        _boot_cfg(train_env, tmp_path / "bad", vae_crop=6)
+    with pytest.raises(ConfigError, match=r"^bootstrap\.vae_crop_steps must be in \[0, vae_steps=4\]"):
+        _boot_cfg(train_env, tmp_path / "bad", vae_crop=8, vae_crop_steps=5)
+
+
+def test_a_part_takes_the_threads_the_other_process_leaves(train_env, tmp_path):
+    from flows.train.bootstrap_side import _read_threads
+
+    boot = Bootstrap(_boot_cfg(train_env, tmp_path / "threads"), progress=False)
+    before = torch.get_num_threads()
+    checks = []
+    boot.freed_threads = lambda: (checks.append(1), 3 if len(checks) >= 3 else 0)[1]
+    seen = []
+    try:
+        torch.set_num_threads(1)
+        for _ in boot._steps("vae", 5):
+            seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 3, 3, 3] and len(checks) == 3 and boot.freed_threads is None
+    handover = tmp_path / "vae.threads"
+    assert _read_threads(handover) == 0  # not written yet
+    handover.write_text("")
+    assert _read_threads(handover) == 0  # caught half-written
+    handover.write_text("2")
+    assert _read_threads(handover) == 2

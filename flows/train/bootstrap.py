@@ -12,7 +12,8 @@ Three parts, each a short loop of its own:
 
 Each finished part is saved under OUT/parts; `--resume` skips the parts already done (a part is a
 few minutes on CPU, so the unit of loss on a crash is the part in progress). With `procs: 2` the VAE
-trains in a second process alongside the other two (flows/train/bootstrap_side.py).
+trains in a second process alongside the other two, and whichever process finishes first leaves its
+core to the other (flows/train/bootstrap_side.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class Bootstrap:
         self.model = JanusFlow(config).to(self.device)
         self.data_version = read_manifest(cfg.corpus)["hash"]
         self.step = 0  # one step counter over the three parts, for the MLflow curves
+        # with procs: 2, a check (set by SidePart) whether the other process has finished and left
+        # its core to this one; None once taken, or in one process
+        self.freed_threads = None
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +109,10 @@ class Bootstrap:
         opt = self._optimizer(vae.parameters(), b.vae_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         for i in self._steps("vae", b.vae_steps):
-            x = images[torch.randint(len(images), (b.vae_batch,), generator=gen)].to(self.device)
+            x = images[torch.randint(len(images), (b.vae_batch,), generator=gen)]
+            if i < b.vae_crop_steps and b.vae_crop:
+                x = random_crops(x, b.vae_crop, gen)
+            x = x.to(self.device)
             dist = vae.encode(x).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(x)
             recon = F.mse_loss(vae.decode(z).sample, x)
@@ -265,7 +272,11 @@ class Bootstrap:
     def _steps(self, part: str, steps: int):
         bar = tqdm(range(steps), desc=f"bootstrap {part}", unit="step", disable=not self.progress)
         self._bar = bar
-        yield from bar
+        for i in bar:
+            if self.freed_threads is not None and (threads := self.freed_threads()):
+                torch.set_num_threads(threads)
+                self.freed_threads = None
+            yield i
         bar.close()
 
     def _record(self, tracker: Tracker, **values) -> None:
@@ -322,6 +333,14 @@ class Bootstrap:
             self._set_scaling(float(meta["scaling_factor"]))
         self.step = int(meta["step"])
         return True
+
+
+def random_crops(images: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """A (side x side) crop of each image in (N, C, H, W), each at its own random offset."""
+    n, _, h, w = images.shape
+    ys = torch.randint(h - side + 1, (n,), generator=gen).tolist()
+    xs = torch.randint(w - side + 1, (n,), generator=gen).tolist()
+    return torch.stack([im[:, y:y + side, x:x + side] for im, y, x in zip(images, ys, xs)])
 
 
 def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ its weights through the same atomic part file as always; this process waits for 
 bar, loads the part, and logs its metrics to metrics.jsonl and MLflow under the steps the
 sequential run would have given them. Nothing else changes: the part starts from the same
 initialisation and draws from the same seeded generators as it does in one process.
+
+Whichever process finishes first leaves its core to the other: the first process checks at every
+step whether the second has exited, and the second whether OUT/parts/<part>.threads (written by the
+first when it starts waiting) exists; either then takes all the threads. Only the summation order of
+the later steps changes.
 """
 
 from __future__ import annotations
@@ -33,12 +38,20 @@ def _train_alone(cfg_dict: dict, part: str, threads: int) -> None:
     parts = Path(cfg.out) / "parts"
     try:
         boot = Bootstrap(cfg, progress=False)
+        boot.freed_threads = lambda: _read_threads(parts / f"{part}.threads")
         with open(parts / f"{part}.metrics.jsonl", "w") as boot.log:
             getattr(boot, f"train_{part}")(None)
         boot._save_part(part)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the first process
         (parts / f"{part}.error").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise SystemExit(1)
+
+
+def _read_threads(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught half-written
+        return 0
 
 
 class SidePart:
@@ -49,7 +62,8 @@ class SidePart:
         self.steps = getattr(boot.b, f"{part}_steps")
         self.metrics = boot.parts_dir / f"{part}.metrics.jsonl"
         self.error = boot.parts_dir / f"{part}.error"
-        for stale in (self.metrics, self.error):
+        self.handover = boot.parts_dir / f"{part}.threads"
+        for stale in (self.metrics, self.error, self.handover):
             stale.unlink(missing_ok=True)
         self.threads = torch.get_num_threads()
         side_threads = max(1, self.threads // 2)
@@ -58,17 +72,23 @@ class SidePart:
             name=f"janusflow-bootstrap-{part}")
         self.proc.start()
         torch.set_num_threads(max(1, self.threads - side_threads))
+        boot.freed_threads = lambda: self.threads if self.proc.exitcode is not None else 0
         self.first_step = boot.step
         boot.step += self.steps  # the parts after it count on from where it will end
 
     def join(self, tracker) -> None:
         """Wait (with a progress bar), then load the part and log its metrics as if trained here."""
+        self.boot.freed_threads = None
+        tmp = self.handover.with_suffix(".tmp")
+        tmp.write_text(str(self.threads))
+        tmp.rename(self.handover)  # this process is done: the second one may use every thread
         bar = tqdm(total=self.steps, desc=f"bootstrap {self.part} (second process)", unit="step",
                    disable=not self.boot.progress)
         while self.proc.is_alive():
             bar.update(self._rows() - bar.n)
             time.sleep(0.5)
         self.proc.join()
+        self.handover.unlink(missing_ok=True)
         bar.update(self._rows() - bar.n)
         bar.close()
         torch.set_num_threads(self.threads)

@@ -36,6 +36,8 @@ class BootstrapConfig:
     vae_lr: float = 2e-3
     vae_batch: int = 32
     kl_weight: float = 1e-6
+    vae_crop: int = 0          # side of the random square crops the first vae_crop_steps train on (0: whole images);
+    vae_crop_steps: int = 0    # the VAE is convolutional, so crops teach it the same at a fraction of the work
     siglip_steps: int = 300
     siglip_lr: float = 4e-4  # 1e-3 never leaves the plateau on the shapes world
     siglip_batch: int = 64
@@ -59,7 +61,7 @@ class BootstrapConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"bootstrap.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         try:
-            self.model_config()
+            conf = self.model_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for name in ("vae", "siglip", "llm"):
@@ -67,6 +69,13 @@ class BootstrapConfig:
             if steps < 0 or batch < 2 or lr <= 0:
                 raise ConfigError(f"bootstrap.{name}_steps must be >= 0, {name}_batch >= 2 and "
                                   f"{name}_lr positive, got {steps}, {batch}, {lr}")
+        size, down = conf.gen.image_size, conf.vae.downsample
+        if self.vae_crop and not (down <= self.vae_crop <= size and self.vae_crop % down == 0):
+            raise ConfigError(f"bootstrap.vae_crop must be 0 or a multiple of the VAE's downsampling ({down}) "
+                              f"up to the image size ({size}), got {self.vae_crop}")
+        if not 0 <= self.vae_crop_steps <= self.vae_steps:
+            raise ConfigError(f"bootstrap.vae_crop_steps must be in [0, vae_steps={self.vae_steps}], "
+                              f"got {self.vae_crop_steps}")
         if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
                 or self.llm_seq_len < 8 or self.warmup < 0):
             raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
