@@ -82,8 +82,8 @@ def run(url: str, args) -> dict:
 
 def markdown(r: dict) -> str:
     return "\n".join([
-        f"Load test: {r['clients']} clients for {r['seconds']} s, {r['steps']} steps, backend {r.get('backend', '?')}, "
-        f"{r['date']}", "",
+        f"Load test: {r['clients']} clients for {r['seconds']} s, {r['steps']} steps, backend {r.get('backend', '?')}"
+        f"{' x ' + str(r['workers']) + ' workers' if r.get('workers', 1) > 1 else ''}, {r['date']}", "",
         "| requests/s | images/s | p50 s | p95 s | p99 s | batch sizes seen | statuses | 5xx |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {r['requests_per_s']} | {r['images_per_s']} | {r['latency_p50_s']} | {r['latency_p95_s']} | "
@@ -95,6 +95,7 @@ def main() -> int:
     parser.add_argument("--url", help="a running service")
     parser.add_argument("--model", help="start the service in-process on this model/export")
     parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--workers", type=int, default=1, help="onnxruntime session sets (janusflow serve --workers)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--steps", type=int, default=30)
@@ -110,11 +111,12 @@ def main() -> int:
         from serving.load import load_sampler
         from serving.service import BackgroundServer, ServiceConfig, create_app
 
-        sampler = load_sampler(args.model, backend=args.backend)
-        config = ServiceConfig(model=args.model, backend=args.backend, max_wait_ms=args.max_wait_ms,
+        sampler = load_sampler(args.model, backend=args.backend, workers=args.workers)
+        config = ServiceConfig(model=args.model, backend=args.backend, workers=args.workers,
+                               max_wait_ms=args.max_wait_ms,
                                queue_size=4 * args.clients)
         with BackgroundServer(create_app(sampler, config)) as server:
-            result = {**run(server.url, args), "backend": args.backend}
+            result = {**run(server.url, args), "backend": args.backend, "workers": args.workers}
     write_result(args.out, "load", result, markdown(result))
     print(markdown(result))
     return 1 if result["server_errors"] else 0

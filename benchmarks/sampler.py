@@ -1,13 +1,16 @@
 """Text-to-image sampler speed: the official demo's loop vs our batched sampler on each backend.
 
     python benchmarks/sampler.py --preset shapes                       # CPU: official, torch, onnxruntime
+    python benchmarks/sampler.py --preset shapes --backends official onnxruntime onnxruntime-workers
     python benchmarks/sampler.py --preset janusflow-1.3b --device cuda --dtype bf16 --backends official torch
 
 One process, the same random weights, prompts, steps, CFG and batch for every variant:
 - official: recomputes the prompt prefix at every Euler step, eager (what demo/app_janusflow.py does);
 - torch / torch-compile: serving/sampler.py over the PyTorch graphs (prefix once, shared BOS prefix,
   one fused cfg_step call per Euler step);
-- onnxruntime: the same sampler over graphs exported to a temporary directory.
+- onnxruntime: the same sampler over graphs exported to a temporary directory;
+- onnxruntime-workers: the same with `--workers` session sets (default: one per core, one thread
+  each), the batch's rows split over them (`janusflow serve --workers N`).
 Each variant includes VAE decoding. Reports images/s, per-batch latency p50/p95 (timed repeats
 interleave the variants) and peak memory, measured in one extra untimed run per variant (GPU:
 torch's peak allocation; CPU: the process's peak RSS above its level before the run), as
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import tempfile
 import threading
@@ -34,7 +38,7 @@ from models.sampler import sample_latents
 from serving.backends import OnnxRuntimeBackend, TorchBackend
 from serving.sampler import ImageRequest, Sampler
 
-VARIANTS = ("official", "torch", "torch-compile", "onnxruntime")
+VARIANTS = ("official", "torch", "torch-compile", "onnxruntime", "onnxruntime-workers")
 
 
 class PeakMemory:
@@ -79,7 +83,7 @@ def official(pipe, prompts, seeds, steps, guidance, dtype):
 
 def ours(sampler: Sampler, prompts, seeds, steps, guidance):
     requests = [ImageRequest(p, seed=s, guidance=guidance, steps=steps) for p, s in zip(prompts, seeds)]
-    return sampler.decode(sampler.latents(requests, steps))
+    return sampler.sample(requests, steps)[1]
 
 
 def run(args) -> dict:
@@ -96,14 +100,17 @@ def run(args) -> dict:
         elif name in ("torch", "torch-compile"):
             s = Sampler.from_model(pipe.model, pipe.processor, TorchBackend(pipe.model, compile=name != "torch"))
             calls[name] = lambda s=s: ours(s, prompts, seeds, args.steps, args.guidance)
-        elif name == "onnxruntime":
+        elif name.startswith("onnxruntime"):
             from serving.export import export
 
-            tmp = tempfile.TemporaryDirectory()
-            export(pipe.model.float(), pipe.processor, Path(tmp.name) / "export", progress=False,
-                   graphs=["prefix", "cfg_step", "vae_decoder"])
-            pipe.model.to(dtype=dtype)
-            s = Sampler.from_export(Path(tmp.name) / "export", OnnxRuntimeBackend(Path(tmp.name) / "export"))
+            if tmp is None:
+                tmp = tempfile.TemporaryDirectory()
+                export(pipe.model.float(), pipe.processor, Path(tmp.name) / "export", progress=False,
+                       graphs=["prefix", "cfg_step", "vae_decoder"])
+                pipe.model.to(dtype=dtype)
+            workers = args.workers if name == "onnxruntime-workers" else 1
+            s = Sampler.from_export(Path(tmp.name) / "export",
+                                    OnnxRuntimeBackend(Path(tmp.name) / "export", workers=workers))
             calls[name] = lambda s=s: ours(s, prompts, seeds, args.steps, args.guidance)
         else:
             raise SystemExit(f"unknown variant {name}: choose from {', '.join(VARIANTS)}")
@@ -149,6 +156,7 @@ def run(args) -> dict:
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     return {"preset": args.preset, "device": device, "dtype": args.dtype, "batch": args.batch,
             "steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
+            "workers": args.workers if "onnxruntime-workers" in args.backends else None,
             "date": datetime.date.today().isoformat(), "results": results, "profiles": profiles}
 
 
@@ -157,7 +165,8 @@ def markdown(r: dict) -> str:
             f"{v['peak_memory_mib']} | {v.get('speedup_vs_official', '-')} |" for k, v in r["results"].items()]
     return "\n".join([
         f"Sampler, preset `{r['preset']}`, {r['device']}, {r['dtype']}, batch {r['batch']}, {r['steps']} steps, "
-        f"CFG {r['guidance']}, {r['date']}", "",
+        f"CFG {r['guidance']}, {r['date']}"
+        + (f", onnxruntime-workers: {r['workers']}" if r.get("workers") else ""), "",
         "| variant | images/s | p50 s/batch | p95 s/batch | peak MiB | x official |",
         "| --- | --- | --- | --- | --- | --- |", *rows,
         *(f"\n\nProfile of one batch, {k}:\n\n{v}" for k, v in r.get("profiles", {}).items())])
@@ -166,6 +175,8 @@ def markdown(r: dict) -> str:
 def main() -> None:
     parser = sampler_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=5)
     parser.add_argument("--backends", nargs="+", default=["official", "torch", "onnxruntime"])
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="session sets of the onnxruntime-workers variant (default: one per core)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one batch per variant (torch.profiler, top operators)")
     args = parser.parse_args()

@@ -35,14 +35,19 @@ def is_export(source: str | Path) -> bool:
 
 
 def load_sampler(source: str | Path, *, backend: str = "torch",
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> Sampler:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, workers: int = 1) -> Sampler:
     """A Sampler over `source` with `backend` (torch backends load weights; onnxruntime and
-    tensorrt need an export directory)."""
+    tensorrt need an export directory). `workers` > 1: that many onnxruntime session sets, a batch's
+    rows split over them (serving/backends.py)."""
+    if workers != 1 and backend != "onnxruntime":
+        raise ValueError(f"--workers {workers} runs parallel onnxruntime sessions: use --backend onnxruntime "
+                         f"(not {backend})")
     if is_export(source):
         if backend.startswith("torch"):
             raise ValueError(f"{source} is an export directory: serve it with --backend onnxruntime or "
                              "tensorrt, or give the model directory for the torch backend")
-        return Sampler.from_export(source, load_backend(backend, export_dir=source), buckets=buckets)
+        extra = {"workers": workers} if backend == "onnxruntime" else {}
+        return Sampler.from_export(source, load_backend(backend, export_dir=source, **extra), buckets=buckets)
     if not backend.startswith("torch"):
         raise ValueError(f"--backend {backend} runs exported graphs: run `janusflow export --model {source} "
                          "--out DIR` and serve DIR")

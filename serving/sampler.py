@@ -5,13 +5,16 @@ with copies of its last row, so engines only ever see the bucket sizes they were
 prompt's key/value prefix is computed once and reused for every step; the unconditional CFG rows
 share one BOS-only prefix computed when the sampler is built; every row carries its own positions,
 guidance and seeded noise, so an image never depends on what it was batched with. A row whose
-latents turn non-finite fails alone (`NonFiniteOutput`); the rest of its batch is returned.
+latents turn non-finite fails alone (`NonFiniteOutput`); the rest of its batch is returned. A backend
+with several `replicas` (onnxruntime with `workers: N`) runs a bucket's rows split over them in
+parallel threads, each part through the whole loop and the decoder.
 
 Understanding: one prefill over image + question, then greedy decoding with the key/value cache.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +56,7 @@ class Sampler:
     config: object
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     _uncond: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, backend, **kw) -> "Sampler":
@@ -76,6 +80,10 @@ class Sampler:
         return next((b for b in self.buckets if b >= n), self.max_batch)
 
     # -- text to image ------------------------------------------------------------------------------
+    @property
+    def replicas(self) -> list:
+        return list(getattr(self.backend, "replicas", None) or [self.backend])
+
     def unconditional_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values (L, 1, H, 1, hd) of the BOS-only prompt, computed once."""
         if self._uncond is None:
@@ -96,14 +104,15 @@ class Sampler:
                     results[i] = res
         return results  # type: ignore[return-value]
 
-    def prompt_prefix(self, prompts: list[str]):
+    def prompt_prefix(self, prompts: list[str], backend=None):
         """Keys/values (L, B, H, P, hd) and the encoded batch of `prompts`. A prompt in several rows
         (a request for n images, bucket padding) goes through the prefix graph once; that run is
         padded to a bucket size again, since engines only have profiles for those."""
         unique = list(dict.fromkeys(prompts))
         run = unique + unique[-1:] * (self.bucket(len(unique)) - len(unique))
         enc = self.processor.encode_prompts(run)
-        keys, values = self.backend.run("prefix", input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        keys, values = (backend or self.backend).run("prefix", input_ids=enc.input_ids,
+                                                     attention_mask=enc.attention_mask)
         if run == prompts:
             return keys, values, enc
         position = {p: i for i, p in enumerate(unique)}
@@ -113,25 +122,26 @@ class Sampler:
         index = rows.to(keys.device)
         return keys.index_select(1, index), values.index_select(1, index), enc
 
-    def latents(self, requests: list[ImageRequest], steps: int) -> torch.Tensor:
-        """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding).
+    def latents(self, requests: list[ImageRequest], steps: int, backend=None) -> torch.Tensor:
+        """Final latents (B, C, H, W) of requests sharing a step count (no bucket padding), on
+        `backend` (default: the sampler's; a replica of it for a part of a split bucket).
 
         With a `cfg_step` graph (exports since it exists) each step is one call that does g_enc once per
         row, CFG and the Euler update; otherwise the `velocity` graph runs over [cond; uncond] rows."""
-        cfg = self.config
+        cfg, backend = self.config, backend or self.backend
         b = len(requests)
-        keys, values, enc = self.prompt_prefix([r.prompt for r in requests])
+        keys, values, enc = self.prompt_prefix([r.prompt for r in requests], backend)
         device = keys.device  # every tensor of the loop lives where the backend computes
         uk, uv = self.unconditional_prefix()
         guidance = torch.tensor([float(r.guidance) for r in requests], device=device)
         shape = (b, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
         z = flow.initial_noise(shape, [int(r.seed) for r in requests], device=device)
         dt = 1.0 / steps
-        if "cfg_step" in self.backend.graphs:
+        if "cfg_step" in backend.graphs:
             mask, lengths = enc.attention_mask.to(device), enc.lengths.to(device)
             dt_B = torch.full((b,), dt, device=device)
             for t in flow.timesteps(steps):
-                (z,) = self.backend.run("cfg_step", z=z, t=torch.full((b,), t, device=device), dt=dt_B,
+                (z,) = backend.run("cfg_step", z=z, t=torch.full((b,), t, device=device), dt=dt_B,
                                         guidance=guidance, keys=keys, values=values, prefix_mask=mask,
                                         lengths=lengths, uncond_keys=uk, uncond_values=uv)
             return z.float()
@@ -145,20 +155,38 @@ class Sampler:
         lengths = torch.cat([enc.lengths, enc.lengths]).to(device)  # the release's positions for uncond rows
         for t in flow.timesteps(steps):
             t_B = torch.full((2 * b,), t, device=device)
-            (v,) = self.backend.run("velocity", z_t=torch.cat([z, z]), t=t_B, keys=keys, values=values,
+            (v,) = backend.run("velocity", z_t=torch.cat([z, z]), t=t_B, keys=keys, values=values,
                                     prefix_mask=mask, lengths=lengths)
             z = flow.euler_step(z, flow.cfg_combine(*v.float().chunk(2), guidance), dt)
         return z
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        (images,) = self.backend.run("vae_decoder", latents=latents)
+    def decode(self, latents: torch.Tensor, backend=None) -> torch.Tensor:
+        (images,) = (backend or self.backend).run("vae_decoder", latents=latents)
         return images
+
+    def sample(self, requests: list[ImageRequest], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, images) of requests sharing a step count; with several replicas the rows are
+        split into contiguous parts that run in parallel, one part per replica."""
+        replicas = self.replicas[: len(requests)]
+        if len(replicas) == 1:
+            z = self.latents(requests, steps)
+            return z, self.decode(z)
+        self.unconditional_prefix()  # once, before the parts share it
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="janusflow-sampler")
+        cuts = [len(requests) * i // len(replicas) for i in range(len(replicas) + 1)]
+
+        def part(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            z = self.latents(requests[cuts[i]:cuts[i + 1]], steps, replicas[i])
+            return z, self.decode(z, replicas[i])
+
+        parts = list(self._pool.map(part, range(len(replicas))))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _generate_bucket(self, requests: list[ImageRequest], steps: int) -> list[ImageResult]:
         n, size = len(requests), self.bucket(len(requests))
         padded = requests + [requests[-1]] * (size - n)
-        z = self.latents(padded, steps)
-        images = self.decode(z)
+        z, images = self.sample(padded, steps)
         out = []
         for i in range(n):
             if not (torch.isfinite(z[i]).all() and torch.isfinite(images[i]).all()):

@@ -41,6 +41,7 @@ class ServiceConfig:
     queue_size: int = 64
     timeout_s: float = 120.0
     warm_steps: int = 2
+    workers: int = 1               # onnxruntime session sets a batch's rows are split over
 
 
 def warm_up(sampler: Sampler, steps: int = 2) -> None:
@@ -130,7 +131,8 @@ def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -
 
     from serving.load import load_sampler
 
-    sampler = load_sampler(config.model, backend=config.backend, buckets=config.buckets)
+    sampler = load_sampler(config.model, backend=config.backend, buckets=config.buckets,
+                           workers=config.workers)
     app = create_app(sampler, config)
     print(f"janusflow serve: {config.model} ({config.backend}) on http://{host}:{port} "
           f"(buckets {list(sampler.buckets)}; ready after warm-up: GET /readyz)", flush=True)

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from flows.cli import main
@@ -42,6 +44,17 @@ def test_export_then_generate_on_onnxruntime(tmp_path, capsys):
     assert main(["generate", "--model", str(export), "--backend", "onnxruntime", "--prompt", "a red circle",
                  "--n", "2", "--steps", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 2
+    # --workers 2: the two rows run on two onnxruntime session sets, the same images
+    split = tmp_path / "split"
+    assert main(["generate", "--model", str(export), "--backend", "onnxruntime", "--workers", "2",
+                 "--prompt", "a red circle", "--n", "2", "--steps", "2", "--out", str(split)]) == 0
+    for name in ("000.png", "001.png"):
+        a, b = (np.asarray(Image.open(d / name), dtype=np.int16) for d in (out, split))
+        assert np.abs(a - b).max() <= 1
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(export), "--backend", "onnxruntime", "--workers", "0",
+              "--prompt", "x", "--out", str(split)])
+    assert "--workers: must be a positive integer, got '0'" in capsys.readouterr().err
     # the torch backend needs weights, an export needs onnxruntime/tensorrt: one-line errors, exit 2
     assert main(["generate", "--model", str(export), "--prompt", "x", "--out", str(out)]) == 2
     assert "is an export directory" in capsys.readouterr().err

@@ -251,3 +251,33 @@ def test_gen_options_export_and_keep_parity(tmp_path, variant):
             p.model.gen_decoder.prompt_proj[1].bias.zero_()
     with pytest.raises(ExportError):
         check_parity(p.model, "velocity", out / manifest["graphs"]["velocity"]["file"])
+
+
+def test_onnxruntime_workers_split_a_batch_and_keep_its_images(pipe, exported):
+    out, _ = exported
+    one = Sampler.from_model(pipe.model, pipe.processor, OnnxRuntimeBackend(out), buckets=(1, 2, 4))
+    two = Sampler.from_model(pipe.model, pipe.processor, OnnxRuntimeBackend(out, workers=2), buckets=(1, 2, 4))
+    assert len(two.replicas) == 2 and two.replicas[0] is two.backend and len(one.replicas) == 1
+    rows = {}
+    for i, replica in enumerate(two.replicas):
+        run = replica.run
+
+        def counted(graph, _run=run, _i=i, **inputs):
+            if graph == "cfg_step":
+                rows.setdefault(_i, set()).add(int(inputs["z"].shape[0]))
+            return _run(graph, **inputs)
+        replica.run = counted
+    reqs = _requests()
+    results = two.generate(reqs)
+    assert rows == {0: {2}, 1: {2}}  # the 4-bucket (3 rows + 1 padding) split 2 + 2 over the workers
+    assert [(r.batch_size, r.bucket) for r in results] == [(3, 4)] * 3
+    for a, b in zip(results, one.generate(reqs)):
+        assert np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16)).max() <= 1
+    z, images = two.sample(reqs, 4)
+    assert float((images - _reference(pipe)).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="workers >= 1"):
+        OnnxRuntimeBackend(out, workers=0)
+    from serving.load import load_sampler
+
+    with pytest.raises(ValueError, match=r"^--workers 2 runs parallel onnxruntime sessions: use --backend onnxruntime"):
+        load_sampler(out, backend="tensorrt", workers=2)
