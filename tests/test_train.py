@@ -330,3 +330,24 @@ def test_flex_attention_inputs_give_the_dense_masks_objective(train_env, tmp_pat
         if key in dense:
             assert abs(float(dense[key]) - float(flex[key])) < 1e-5, key
     assert "rf" in dense and "ar" in dense
+
+
+def test_tracker_sends_buffered_metrics_in_batches_and_all_of_them_at_the_end(train_env, tmp_path, monkeypatch):
+    from flows.train import tracking
+
+    cfg = _cfg(train_env, tmp_path / "buffered", steps=1)
+    tracker = tracking.Tracker(cfg, run_id=None, parent_run_id=None, tags={})
+    sent, real = [], tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch",
+                        lambda run_id, **kw: (sent.append(len(kw["metrics"])), real(run_id, **kw))[1])
+    monkeypatch.setattr(tracking, "FLUSH_METRICS", 10)
+    for step in range(1, 8):
+        tracker.log_metrics({"a": step, "b": -step}, step)  # two values a step: due after five steps
+    assert sent == [10]
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "a")] == [1, 2, 3, 4, 5]
+    (tmp_path / "buffered").mkdir()
+    tracker.finish(tmp_path / "buffered", status="FINISHED")
+    assert sent == [10, 4]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "b")) == \
+        [(s, -float(s)) for s in range(1, 8)]

@@ -1,7 +1,10 @@
 """MLflow tracking for a training stage: params, tags, per-step metrics, artifacts.
 
 The run id is passed explicitly everywhere (MLflow's active run is per thread, and Prefect runs
-tasks in threads); a resumed stage continues its own run.
+tasks in threads); a resumed stage continues its own run. Metrics are buffered and sent in one
+`log_batch` per FLUSH_METRICS values or FLUSH_SECONDS (and when the run finishes): with the sqlite
+store every call is a transaction, and one per step took ~20 ms of a ~0.5 s shapes step on the
+critical path of rank 0 (batched: ~8 ms per step).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+FLUSH_METRICS = 300     # buffered metric values that trigger a log_batch (MLflow takes <= 1000 per call)
+FLUSH_SECONDS = 10.0    # ... or this long since the last one, so a live UI stays current
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -75,6 +80,8 @@ class Tracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id, self.cfg = run_id, cfg
+        self._pending: list = []
+        self._flushed = time.monotonic()
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -86,9 +93,17 @@ class Tracker:
         return True
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Buffer one step's metrics; sent by flush() (called here when the buffer is due)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), now, step) for k, v in sorted(metrics.items())])
+        self._pending += [mlflow.entities.Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        if len(self._pending) >= FLUSH_METRICS or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:1000], self._pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+        self._flushed = time.monotonic()
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
@@ -97,6 +112,7 @@ class Tracker:
         """Log metrics.jsonl and the resolved config (config.yaml), then close the run."""
         import yaml
 
+        self.flush()
         (out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         for name in ("metrics.jsonl", "config.yaml"):
             if (out / name).is_file():
