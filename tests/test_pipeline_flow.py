@@ -123,16 +123,19 @@ def test_train_all_runs_skips_and_gates(tiny_repo, prefect_server, monkeypatch):
     assert not any(s["ran"] for s in again["stages"]) and not again["export"]["ran"]
     assert again["promotion"]["version"] == version and _champion(tiny_repo) == version
 
-    # impossible thresholds: the gate stops the flow, nothing is promoted, no showcase is made
+    # impossible thresholds: the gate stops the flow, nothing is promoted, no showcase is made, the
+    # export is not touched (it stays, so that the next test's flow, with the thresholds back and the
+    # same gate.json, finds it up to date instead of exporting again)
     _write_yaml(tiny_repo / "params.yaml", _params(1.01))
     shutil.rmtree(showcase)
-    shutil.rmtree(export)
+    exported = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in export.rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="gate failed"):
         train_all(root=str(tiny_repo), showcase="runs/demo")
     gate = json.loads((tiny_repo / "runs/shapes/eval/gate.json").read_text())
     assert gate["passed"] is False
     assert _champion(tiny_repo) == version
-    assert not showcase.exists() and not export.exists()  # export did not run
+    assert not showcase.exists()
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in export.rglob("*") if p.is_file()} == exported
     _write_yaml(tiny_repo / "params.yaml", _params(0.0))
 
 
