@@ -99,7 +99,7 @@ def _served(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch needs weights; onnxruntime/tensorrt an export directory")
     parser.add_argument("--workers", type=_positive, default=1,
                         help="onnxruntime: parallel session sets a batch's rows are split over, one "
-                             "thread each by default (2 on a 2-core CPU: ~1.25x the throughput)")
+                             "thread each by default (2 on a 2-core CPU: 1.1-1.3x the throughput)")
     return parser
 
 
