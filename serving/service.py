@@ -134,7 +134,8 @@ def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -
     sampler = load_sampler(config.model, backend=config.backend, buckets=config.buckets,
                            workers=config.workers)
     app = create_app(sampler, config)
-    print(f"janusflow serve: {config.model} ({config.backend}) on http://{host}:{port} "
+    workers = f" x {config.workers} workers" if config.workers > 1 else ""
+    print(f"janusflow serve: {config.model} ({config.backend}{workers}) on http://{host}:{port} "
           f"(buckets {list(sampler.buckets)}; ready after warm-up: GET /readyz)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=config.timeout_s)
 
