@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 from models.config import GenConfig
+from models.precision import fp32_on_cpu
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +62,7 @@ class ConvNeXtBlock(nn.Module):
         self.modulation = nn.Linear(cond_dim, 2 * channels)
 
     def forward(self, x_BCHW: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        h = self.dwconv(x_BCHW).permute(0, 2, 3, 1)
+        h = fp32_on_cpu(self.dwconv, x_BCHW).permute(0, 2, 3, 1)
         h = self.fc2(self.grn(F.gelu(self.fc1(self.norm(h)))))
         x = x_BCHW + self.dropout(h).permute(0, 3, 1, 2)
         scale, shift = self.modulation(F.silu(cond_BD)).chunk(2, dim=1)

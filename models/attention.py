@@ -15,6 +15,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from models.precision import fp32_on_cpu
+
 NAME = "packed_segments"
 MIN_BLOCK = 64  # tokens: smaller blocks are merged, so padding does not become one call per token
 
@@ -51,7 +53,13 @@ def _blocks_of(mask_B1TT: torch.Tensor) -> list[list[int]]:
 
 
 def segments_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """transformers' attention-function signature: (B, H, T, D) tensors in, (B, T, H, D) out."""
+    """transformers' attention-function signature: (B, H, T, D) tensors in, (B, T, H, D) out.
+    In fp32 under a CPU's bf16 autocast (models/precision.py)."""
+    return fp32_on_cpu(lambda q, k, v: _segments(module, q, k, v, attention_mask, **kwargs),
+                       query, key, value)
+
+
+def _segments(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is None or attention_mask.dtype != torch.bool or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     blocks = _blocks_of(attention_mask)

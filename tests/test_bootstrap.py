@@ -279,3 +279,26 @@ def test_a_part_takes_the_threads_the_other_process_leaves(train_env, tmp_path):
     assert _read_threads(handover) == 0  # caught half-written
     handover.write_text("2")
     assert _read_threads(handover) == 2
+
+
+def test_bf16_trains_the_llm_part_in_autocast_and_only_it(train_env, tmp_path):
+    """`dtype: bf16`: the LLM part runs under bf16 autocast (its attention in fp32, the saved config
+    back on plain SDPA); SigLIP and the VAE, which lost quality in bf16, train exactly as in fp32."""
+    def boot(dtype):
+        out = tmp_path / dtype
+        cfg = _boot_cfg(train_env, out, vae_steps=2, siglip_steps=2, llm_steps=3)
+        cfg.dtype = dtype
+        b = Bootstrap(cfg.validate(), progress=False)
+        b.run()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return b, {k: [r[k] for r in rows if k in r] for k in ("vae_loss", "siglip_loss", "llm_loss")}
+
+    b32, fp32 = boot("fp32")
+    b16, bf16 = boot("bf16")
+    assert b16.dtype == "bf16" and b32.dtype == "fp32"
+    assert bf16["vae_loss"] == fp32["vae_loss"] and bf16["siglip_loss"] == fp32["siglip_loss"]
+    assert bf16["llm_loss"] != fp32["llm_loss"]
+    assert bf16["llm_loss"] == pytest.approx(fp32["llm_loss"], rel=0.05)
+    assert json.loads((tmp_path / "bf16" / "model" / "config.json").read_text())  # saved
+    model, _ = from_pretrained(tmp_path / "bf16" / "model")
+    assert model.llm.config._attn_implementation == "sdpa"

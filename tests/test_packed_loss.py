@@ -237,3 +237,40 @@ def test_row_blocks_cut_only_between_samples():
     assert row_blocks(crossed, min_block=1) == [8, 4, 1, 1, 1, 1]
     together = block_causal_mask(seg, visible, torch.tensor([[0, 0, 1, 1, 1] + [0] * 11], dtype=torch.bool))
     assert row_blocks(together[0, 0], min_block=1) == [5, 3, 4, 1, 1, 1, 1]  # later keys, same sample
+
+
+def test_attention_and_depthwise_convs_stay_fp32_under_cpu_autocast(monkeypatch):
+    """Under bf16 autocast on the CPU (`dtype: bf16`/`auto` with AMX) the segment attention and g_enc's
+    / g_dec's depthwise convolutions run in fp32 (their bf16 CPU kernels are the slower ones): the
+    same numbers as with autocast off, while the matmuls around them do run in bf16."""
+    from models.adapters import ConvNeXtBlock
+    from models.attention import segments_attention_forward
+    from models.precision import fp32_on_cpu, resolve_dtype
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(24, 24, dtype=torch.bool).tril().expand(2, 1, 24, 24)
+    module = torch.nn.Module()
+    module.is_causal, module.training = False, False
+    plain, _ = segments_attention_forward(module, q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, _ = segments_attention_forward(module, q, k, v, mask)
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert kept.dtype == torch.float32 and torch.equal(kept, plain)
+    assert dense.dtype == torch.bfloat16  # what autocast would have done to it
+
+    block = ConvNeXtBlock(8, 4)
+    x, cond = torch.randn(2, 8, 4, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    seen = []
+    block.dwconv.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    block.fc1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x, cond)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert fp32_on_cpu(torch.add, x, x).dtype == torch.float32  # no autocast: a plain call
+
+    assert resolve_dtype("fp32", "cpu") == "fp32" and resolve_dtype("bf16", "cpu") == "bf16"
+    import models.precision as precision
+    for amx, expect in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_has_amx", lambda amx=amx: amx)
+        assert precision.resolve_dtype("auto", "cpu") == expect

@@ -155,6 +155,19 @@ def test_memory_and_speed_options_do_not_change_the_step(train_env, tmp_path, op
         assert other[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-6), k
 
 
+def test_bf16_autocast_runs_on_the_cpu_near_the_fp32_step(train_env, tmp_path):
+    """`dtype: bf16` autocasts on the CPU too (AMX makes it the faster one there; `auto` picks it
+    where it is): the step's numbers move by bf16 rounding only, the weights stay fp32."""
+    plain = Trainer(_cfg(train_env, tmp_path / "fp32", steps=2), progress=False)
+    mixed = Trainer(_cfg(train_env, tmp_path / "bf16", steps=2, dtype="bf16"), progress=False)
+    assert (plain.dtype, mixed.dtype) == ("fp32", "bf16")
+    a, b = plain.train_step(), mixed.train_step()
+    for k in ("loss", "ar", "rf", "repa"):
+        assert b[k] == pytest.approx(a[k], rel=0.05, abs=0.02), k
+    assert b["loss"] != a["loss"]  # autocast really ran
+    assert all(p.dtype == torch.float32 for p in mixed.params.values())
+
+
 def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):
     model, proc = from_pretrained(train_env / "init")
     with torch.no_grad():

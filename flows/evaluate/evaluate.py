@@ -31,6 +31,7 @@ from data.shards import ShardReader
 from flows.evaluate.diagnostics import prompt_gain, vqa_by_type
 from flows.evaluate.geneval import judge, summarise, with_exact_counts
 from models.pipeline import JanusFlowPipeline
+from models.precision import resolve_dtype
 from models.processor import pil_to_tensor
 from models.tokenizer import IMAGE
 
@@ -50,7 +51,8 @@ class EvalConfig:
     max_questions: int = 0       # 0: every held-out question
     prompt_gain: int = 128       # held-out generation pairs for prompt_gain (0: skip it)
     device: str = "cpu"          # where the model runs: cpu, cuda, cuda:N
-    dtype: str = "fp32"          # the model's weights and activations: fp32 or bf16
+    dtype: str = "fp32"          # the model's weights and activations: fp32, bf16, or auto (bf16 on a
+                                 # GPU or a CPU with AMX, where it is the faster one; models/precision.py)
 
     def validate(self) -> "EvalConfig":
         if self.images_per_prompt < 1 or self.steps < 1 or self.batch < 1:
@@ -59,8 +61,8 @@ class EvalConfig:
             raise ValueError(f"eval.prompt_gain must be >= 0, got {self.prompt_gain}")
         if self.guidance < 1.0:
             raise ValueError(f"eval.guidance must be >= 1, got {self.guidance}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"eval.dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"eval.dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -229,8 +231,9 @@ def evaluate(model_dir: str | Path, cfg: EvalConfig, *, report_dir: str | Path |
 
     cfg.validate()
     detector = load_detector(cfg.detector)
-    pipe = JanusFlowPipeline.from_pretrained(
-        model_dir, device=cfg.device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)
+    bf16 = resolve_dtype(cfg.dtype, cfg.device) == "bf16"
+    pipe = JanusFlowPipeline.from_pretrained(model_dir, device=cfg.device,
+                                             dtype=torch.bfloat16 if bf16 else None)
     eval_dir = Path(cfg.corpus) / "eval"
     metrics: dict = {}
     details: dict = {}

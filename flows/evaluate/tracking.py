@@ -10,6 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from flows.train.tracking import experiment_id, flatten, git_commit, tracking_uri
+from models.precision import resolve_dtype
 
 EXPERIMENT = "janusflow"
 
@@ -20,7 +21,7 @@ def log_evaluation(metrics: dict, *, model: Path, report: Path, metrics_file: Pa
     client = MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, experiment)
     tags = {"stage": "evaluate", "git_commit": git_commit(), "model_dir": str(model.resolve()),
-            "mlflow.runName": "evaluate"}
+            "mlflow.runName": "evaluate", "dtype": resolve_dtype(cfg.dtype, cfg.device)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, tags=tags).info.run_id

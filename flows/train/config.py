@@ -16,7 +16,7 @@ from models.config import dataclass_from_dict
 STAGES = ("bootstrap", "1", "2", "3")
 STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: per part, below
 STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "auto")
 PARALLEL = ("ddp", "fsdp")
 ATTENTION = ("sdpa", "flex", "segments")
 
@@ -111,7 +111,8 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "fp32"            # autocast dtype on GPU; the master weights stay fp32
+    dtype: str = "fp32"            # autocast: fp32, bf16, or auto (bf16 on a GPU or a CPU with AMX,
+                                   # where it is faster; fp32 elsewhere); the weights stay fp32
     repa_weight: float = 1.0
     parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
     procs: int = 1                 # started without torchrun, `janusflow train` runs the stage in this
