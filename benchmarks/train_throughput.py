@@ -13,6 +13,8 @@ MFU = counted FLOPs per second / the device's dense bf16 peak. Writes JSON and a
 skips the blocks between packed samples; its FLOPs are what FlopCounterMode attributes to it, so
 compare the two modes by s/step. `--attention segments` runs SDPA once per block of whole samples
 (`models/attention.py`, the CPU's way to skip those blocks); its FLOPs are counted as executed too.
+`--attention-ab sdpa,segments` and `--dtype-ab fp32,bf16` time two variants against each other in
+one process, switched every step.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
         trainer.step += 1
     seconds = sum(times) / len(times)
     ab = attention_ab(trainer, args) if args.attention_ab else None
+    dtypes = dtype_ab(trainer, args) if args.dtype_ab else None
     if args.profile:
         profile = profile_table(trainer.train_step, args.device)
         trainer.step += 1
@@ -108,6 +111,8 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
     }
     if ab:
         result["attention_ab"] = ab
+    if dtypes:
+        result["dtype_ab"] = dtypes
     if args.profile:
         result["profile"] = profile
     if args.device.startswith("cuda"):
@@ -116,23 +121,41 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
     return result
 
 
-def attention_ab(trainer: Trainer, args) -> dict:
-    """Median s/step of each LLM attention implementation in `--attention-ab`, switched every step
-    in this one process (alternating order), so the machine's drift reaches all of them alike."""
-    from models import attention as packed_attention
-
-    names = {"sdpa": "sdpa", "segments": packed_attention.register()}
-    chosen = args.attention_ab.split(",")
+def alternate(trainer: Trainer, steps: int, variants: dict) -> dict:
+    """Median s/step of each variant (name -> a function that switches the trainer to it), switched
+    every step in this one process (alternating order), so the machine's drift reaches all alike."""
+    chosen = list(variants)
     times: dict[str, list[float]] = {a: [] for a in chosen}
-    for i in range(args.steps):
+    for i in range(steps):
         for a in chosen if i % 2 == 0 else chosen[::-1]:
-            trainer.model.llm.set_attn_implementation(names[a])
+            variants[a]()
             start = time.perf_counter()
             trainer.train_step()
             times[a].append(time.perf_counter() - start)
             trainer.step += 1
-    trainer.model.llm.set_attn_implementation(names[args.attention])
     return {a: statistics.median(t) for a, t in times.items()}
+
+
+def attention_ab(trainer: Trainer, args) -> dict:
+    """`--attention-ab`: the LLM attention implementations against each other."""
+    from models import attention as packed_attention
+
+    names = {"sdpa": "sdpa", "segments": packed_attention.register()}
+    llm = trainer.model.llm
+    result = alternate(trainer, args.steps, {a: (lambda n=names[a]: llm.set_attn_implementation(n))
+                                             for a in args.attention_ab.split(",")})
+    llm.set_attn_implementation(names[args.attention])
+    return result
+
+
+def dtype_ab(trainer: Trainer, args) -> dict:
+    """`--dtype-ab`: fp32 against bf16 autocast (one process: the objective is the trainer's own)."""
+    objective, kept = trainer.objective, trainer.objective.autocast_dtype
+    casts = {"fp32": None, "bf16": torch.bfloat16}
+    result = alternate(trainer, args.steps, {d: (lambda c=casts[d]: setattr(objective, "autocast_dtype", c))
+                                             for d in args.dtype_ab.split(",")})
+    objective.autocast_dtype = kept
+    return result
 
 
 def main() -> None:
@@ -140,7 +163,8 @@ def main() -> None:
     parser.add_argument("--preset", default="shapes")
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="autocast dtype (auto: bf16 on a GPU or a CPU with AMX, else fp32)")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per stage")
@@ -153,6 +177,8 @@ def main() -> None:
     parser.add_argument("--attention-ab", default="", metavar="A,B",
                         help="also time these implementations (of sdpa, segments) against each other, "
                              "switched every step, --steps each (CPU or GPU)")
+    parser.add_argument("--dtype-ab", default="", metavar="A,B",
+                        help="also time fp32 and bf16 autocast against each other, switched every step")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per stage (torch.profiler, top operators)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -161,6 +187,8 @@ def main() -> None:
     if bad or args.attention_ab and args.attention == "flex":
         parser.error(f"--attention-ab takes sdpa and/or segments with --attention sdpa or segments, got "
                      f"{args.attention_ab!r} with --attention {args.attention}")
+    if args.dtype_ab and not set(args.dtype_ab.split(",")) <= {"fp32", "bf16"}:
+        parser.error(f"--dtype-ab takes fp32 and/or bf16, got {args.dtype_ab!r}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -186,6 +214,8 @@ def main() -> None:
                      f"{r['tflops_per_step']:.3f} | {r['achieved_tflops']:.3f} | {mfu} |")
     lines += [f"\nStage {r['stage']}, attention switched every step (median s/step): " +
               ", ".join(f"{a} {t:.3f}" for a, t in r["attention_ab"].items()) for r in results if "attention_ab" in r]
+    lines += [f"\nStage {r['stage']}, autocast switched every step (median s/step): " +
+              ", ".join(f"{a} {t:.3f}" for a, t in r["dtype_ab"].items()) for r in results if "dtype_ab" in r]
     lines += [f"\nProfile of one stage-{r['stage']} step:\n\n{r['profile']}" for r in results if "profile" in r]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
