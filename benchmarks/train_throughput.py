@@ -195,8 +195,12 @@ def main() -> None:
         corpus, init = make_world(root, args.preset)
         results = [bench_stage(s, corpus=corpus, init=init, out=root / f"stage{s}", args=args)
                    for s in args.stages.split(",")]
+    from models.precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = dtype if args.dtype == dtype else f"{args.dtype} ({dtype})"
     report = {"date": datetime.date.today().isoformat(), "device": device_name(args.device),
-              "preset": args.preset, "dtype": args.dtype, "rows": args.rows, "max_len": args.max_len,
+              "preset": args.preset, "dtype": dtype, "rows": args.rows, "max_len": args.max_len,
               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
               "attention": args.attention, "stages": results}
     out = Path(args.out)
@@ -208,7 +212,7 @@ def main() -> None:
              "s/step | TFLOP/step | achieved TFLOP/s | MFU |", "|" + " --- |" * 12]
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
-        lines.append(f"| {report['date']} | {report['device']} | {args.preset} | {args.dtype} | "
+        lines.append(f"| {report['date']} | {report['device']} | {args.preset} | {dtype} | "
                      f"{r['stage']} | {args.rows} x {args.max_len} | {r['tokens_per_s']:.0f} | "
                      f"{r['images_per_s']:.1f} | {r['seconds_per_step']:.3f} | "
                      f"{r['tflops_per_step']:.3f} | {r['achieved_tflops']:.3f} | {mfu} |")
