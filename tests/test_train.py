@@ -166,6 +166,7 @@ def test_bf16_autocast_runs_on_the_cpu_near_the_fp32_step(train_env, tmp_path):
         assert b[k] == pytest.approx(a[k], rel=0.05, abs=0.02), k
     assert b["loss"] != a["loss"]  # autocast really ran
     assert all(p.dtype == torch.float32 for p in mixed.params.values())
+    assert plain.optimizer.defaults["fused"] and mixed.optimizer.defaults["fused"]  # AdamW's one-pass kernel
 
 
 def test_non_finite_loss_stops_with_the_step_and_terms(train_env, tmp_path):

@@ -35,6 +35,7 @@ from data.shards import ShardReader, read_manifest
 from flows.train.bootstrap_side import SidePart
 from flows.train.config import TrainConfig
 from flows.train.tracking import Tracker
+from flows.train.trainer import fused_adamw
 from models.checkpoint import save_pretrained
 from models import attention as packed_attention
 from models.janusflow import JanusFlow, siglip_config
@@ -265,7 +266,7 @@ class Bootstrap:
     # -- shared loop pieces -------------------------------------------------------------------------
     def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=self.cfg.betas,
-                                 weight_decay=self.cfg.weight_decay)
+                                 weight_decay=self.cfg.weight_decay, fused=fused_adamw(self.device))
 
     def _update(self, opt, loss: torch.Tensor, i: int, lr: float) -> None:
         if not torch.isfinite(loss):

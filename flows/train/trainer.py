@@ -108,11 +108,9 @@ class Trainer:
         # After parallelize: FSDP2 replaces parameters with sharded DTensors.
         params = dict(self.model.named_parameters())
         self.params = {n: params[n] for n in self.names}
-        # fused: one multi-tensor kernel per step on CUDA instead of foreach's several passes over
-        # the fp32 weights and both moments (the 1.3B step spends tens of ms there)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                           fused=True if self.device.type == "cuda" else None)
+                                           fused=fused_adamw(self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
         settings = stage_data(cfg.stage, **cfg.data)
@@ -336,6 +334,13 @@ class Trainer:
                                 guidance=cfg.sample_guidance, seed=cfg.seed)
         tracker.log_metrics(metrics, self.step)
         tracker.log_artifacts(out, f"samples/step-{self.step:08d}")
+
+
+def fused_adamw(device: torch.device) -> bool | None:
+    """AdamW's fused kernel where PyTorch has one (CUDA, CPU): one pass over the fp32 weights and both
+    moments instead of foreach's several. The 1.3B step spends tens of ms there on a GPU; on the CPU
+    the shapes stage-2 update (6.3M weights, one thread) takes 5 ms instead of 31-42 ms."""
+    return True if device.type in ("cuda", "cpu") else None
 
 
 def system_metrics(device: torch.device) -> dict:
