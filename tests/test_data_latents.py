@@ -27,8 +27,10 @@ def test_fill_then_read_through_the_training_keys(tmp_path, tiny_pipe):
     assert cache.hits == 1 and set(hit) == {"latent", "repa"}
     assert hit["latent"].shape == (model.config.vae.latent_channels, model.config.latent_size,
                                    model.config.latent_size)
-    assert torch.allclose(hit["latent"], fresh["latent"], atol=1e-6)
-    assert torch.allclose(hit["repa"], fresh["repa"], atol=1e-6)
+    # fill encoded in batches of 4, this one alone: the CPU's convolution kernels round by batch
+    # size (1.04e-6 seen on 2026-12-01), so equal means equal to fp32 rounding here
+    assert torch.allclose(hit["latent"], fresh["latent"], atol=1e-5)
+    assert torch.allclose(hit["repa"], fresh["repa"], atol=1e-5)
 
 
 def test_a_changed_encoder_is_a_new_version(tiny_pipe):

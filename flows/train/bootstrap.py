@@ -34,10 +34,10 @@ from data.sequences import conversation_turns, decode_image, preprocess_generati
 from data.shards import ShardReader, read_manifest
 from flows.train.bootstrap_side import SidePart
 from flows.train.config import TrainConfig
+from flows.train.distributed import fused_adamw
 from flows.train.tracking import Tracker
-from flows.train.trainer import fused_adamw
-from models.checkpoint import save_pretrained
 from models import attention as packed_attention
+from models.checkpoint import save_pretrained
 from models.janusflow import JanusFlow, siglip_config
 from models.precision import resolve_dtype
 from models.processor import JanusFlowProcessor

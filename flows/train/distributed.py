@@ -115,6 +115,13 @@ def parallelize(objective: torch.nn.Module, *, mode: str, world: World, device: 
     raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {mode!r}")
 
 
+def fused_adamw(device: torch.device) -> bool | None:
+    """AdamW's fused kernel where PyTorch has one (CUDA, CPU): one pass over the fp32 weights and both
+    moments instead of foreach's several. The 1.3B step spends tens of ms there on a GPU; on the CPU
+    the shapes stage-2 update (6.3M weights, one thread) takes 5 ms instead of 31-42 ms."""
+    return True if device.type in ("cuda", "cpu") else None
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (the tensor itself otherwise); shares storage."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -26,14 +26,14 @@ from data.stages import stage_data
 from data.stream import Mixer, PackedStream, SequenceSource
 from flows.train import checkpointing
 from flows.train.config import TrainConfig
-from flows.train.distributed import (apply_activation_checkpointing, apply_compile, full, init_world,
-                                     local, parallelize)
+from flows.train.distributed import (apply_activation_checkpointing, apply_compile, full, fused_adamw,
+                                     init_world, local, parallelize)
 from flows.train.samples import write_samples
 from models import attention as packed_attention
 from models.checkpoint import from_pretrained
 from models.packed import PackedObjective
-from models.precision import resolve_dtype
 from models.pipeline import JanusFlowPipeline
+from models.precision import resolve_dtype
 
 if TYPE_CHECKING:  # MLflow is imported by run() only: stepping a Trainer (benchmarks) needs none
     from flows.train.tracking import Tracker
@@ -334,13 +334,6 @@ class Trainer:
                                 guidance=cfg.sample_guidance, seed=cfg.seed)
         tracker.log_metrics(metrics, self.step)
         tracker.log_artifacts(out, f"samples/step-{self.step:08d}")
-
-
-def fused_adamw(device: torch.device) -> bool | None:
-    """AdamW's fused kernel where PyTorch has one (CUDA, CPU): one pass over the fp32 weights and both
-    moments instead of foreach's several. The 1.3B step spends tens of ms there on a GPU; on the CPU
-    the shapes stage-2 update (6.3M weights, one thread) takes 5 ms instead of 31-42 ms."""
-    return True if device.type in ("cuda", "cpu") else None
 
 
 def system_metrics(device: torch.device) -> dict:
