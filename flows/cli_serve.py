@@ -47,7 +47,7 @@ def cmd_generate(args) -> None:
     from serving.load import load_sampler
     from serving.sampler import ImageRequest
 
-    sampler = load_sampler(args.model, backend=args.backend, workers=args.workers)
+    sampler = load_sampler(args.model, backend=args.backend, workers=args.workers, dtype=args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     requests = [ImageRequest(args.prompt, seed=args.seed + i, guidance=args.guidance, steps=args.steps)
@@ -74,7 +74,7 @@ def cmd_ask(args) -> None:
         image.load()
     except (OSError, ValueError) as exc:
         raise ValueError(f"--image {args.image}: not a readable image ({exc})") from None
-    sampler = load_sampler(args.model, backend=args.backend, workers=args.workers)
+    sampler = load_sampler(args.model, backend=args.backend, workers=args.workers, dtype=args.dtype)
     print(sampler.answer([image], [args.question], max_new_tokens=args.max_new_tokens)[0])
 
 
@@ -83,12 +83,12 @@ def cmd_serve(args) -> None:
         from serving.ray_app import run
 
         run(args.model, backend=args.backend, buckets=args.buckets, replicas=args.replicas, host=args.host,
-            port=args.port, max_wait_ms=args.max_wait_ms)
+            port=args.port, max_wait_ms=args.max_wait_ms, dtype=args.dtype)
         return
     from serving.service import ServiceConfig, serve
 
     serve(ServiceConfig(model=args.model, backend=args.backend, buckets=args.buckets, workers=args.workers,
-                        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                        dtype=args.dtype, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                         timeout_s=args.timeout), host=args.host, port=args.port)
 
 
@@ -100,6 +100,8 @@ def _served(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_positive, default=1,
                         help="onnxruntime: parallel session sets a batch's rows are split over, one "
                              "thread each by default (2 on a 2-core CPU: 1.1-1.3x the throughput)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="torch backends: the weights' dtype (auto: bf16 on a CPU with AMX)")
     return parser
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from models.precision import resolve_dtype
 from serving.backends import load_backend
 from serving.export import MANIFEST
 from serving.sampler import DEFAULT_BUCKETS, Sampler
@@ -35,13 +38,19 @@ def is_export(source: str | Path) -> bool:
 
 
 def load_sampler(source: str | Path, *, backend: str = "torch",
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, workers: int = 1) -> Sampler:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, workers: int = 1, dtype: str = "fp32") -> Sampler:
     """A Sampler over `source` with `backend` (torch backends load weights; onnxruntime and
     tensorrt need an export directory). `workers` > 1: that many onnxruntime session sets, a batch's
-    rows split over them (serving/backends.py)."""
+    rows split over them (serving/backends.py). `dtype`: the torch backends' weights, fp32, bf16 or
+    auto (bf16 on a CPU with AMX; models/precision.py); exported graphs keep their own precision."""
     if workers != 1 and backend != "onnxruntime":
         raise ValueError(f"--workers {workers} runs parallel onnxruntime sessions: use --backend onnxruntime "
                          f"(not {backend})")
+    if dtype not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"--dtype must be fp32, bf16 or auto, got {dtype!r}")
+    if dtype != "fp32" and not backend.startswith("torch"):
+        raise ValueError(f"--dtype {dtype} sets the torch backends' weights; {backend} runs the exported "
+                         "graphs' precision (TensorRT: `janusflow export --engine --precision bf16`)")
     if is_export(source):
         if backend.startswith("torch"):
             raise ValueError(f"{source} is an export directory: serve it with --backend onnxruntime or "
@@ -53,5 +62,6 @@ def load_sampler(source: str | Path, *, backend: str = "torch",
                          "--out DIR` and serve DIR")
     from models.checkpoint import from_pretrained
 
-    model, processor = from_pretrained(model_dir(source))
+    bf16 = resolve_dtype(dtype, "cpu") == "bf16"
+    model, processor = from_pretrained(model_dir(source), dtype=torch.bfloat16 if bf16 else None)
     return Sampler.from_model(model, processor, load_backend(backend, model=model), buckets=buckets)

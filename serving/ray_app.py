@@ -25,11 +25,12 @@ def _deployment():
 
     @serve.deployment(name="janusflow", max_ongoing_requests=64)
     class JanusFlowDeployment:
-        def __init__(self, model: str, backend: str, buckets: tuple[int, ...], max_wait_ms: float):
+        def __init__(self, model: str, backend: str, buckets: tuple[int, ...], max_wait_ms: float,
+                     dtype: str = "fp32"):
             from serving.load import load_sampler
             from serving.service import warm_up
 
-            self.sampler = load_sampler(model, backend=backend, buckets=buckets)
+            self.sampler = load_sampler(model, backend=backend, buckets=buckets, dtype=dtype)
             warm_up(self.sampler, steps=1)
             self.limits = Limits(image_size=self.sampler.config.gen.image_size,
                                  max_n=max(8, self.sampler.max_batch))
@@ -64,7 +65,7 @@ def _deployment():
 
 
 def build_app(model: str, *, backend: str = "torch", buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-              replicas: int | None = None, max_wait_ms: float = 20.0):
+              replicas: int | None = None, max_wait_ms: float = 20.0, dtype: str = "fp32"):
     """The bound Ray Serve application: `replicas` replicas (default: one per GPU, else one), each
     holding one GPU when there are GPUs."""
     import torch
@@ -73,11 +74,11 @@ def build_app(model: str, *, backend: str = "torch", buckets: tuple[int, ...] = 
     n = replicas or max(gpus, 1)
     options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     return _deployment().options(num_replicas=n, ray_actor_options=options).bind(
-        model, backend, tuple(buckets), max_wait_ms)
+        model, backend, tuple(buckets), max_wait_ms, dtype)
 
 
 def run(model: str, *, backend: str, buckets, replicas: int | None, host: str, port: int,
-        max_wait_ms: float, blocking: bool = True):
+        max_wait_ms: float, blocking: bool = True, dtype: str = "fp32"):
     """Start Ray (local), Ray Serve's proxy on host:port and the application at route '/'."""
     import ray
     from ray import serve
@@ -86,7 +87,7 @@ def run(model: str, *, backend: str, buckets, replicas: int | None, host: str, p
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(model, backend=backend, buckets=buckets, replicas=replicas,
-                                 max_wait_ms=max_wait_ms), route_prefix="/", name="janusflow",
+                                 max_wait_ms=max_wait_ms, dtype=dtype), route_prefix="/", name="janusflow",
                        blocking=False)
     print(json.dumps({"ray_serve": f"http://{host}:{port}", "model": model, "backend": backend}), flush=True)
     if blocking:

@@ -42,6 +42,7 @@ class ServiceConfig:
     timeout_s: float = 120.0
     warm_steps: int = 2
     workers: int = 1               # onnxruntime session sets a batch's rows are split over
+    dtype: str = "fp32"            # torch backends: fp32, bf16 or auto (serving/load.py)
 
 
 def warm_up(sampler: Sampler, steps: int = 2) -> None:
@@ -132,7 +133,7 @@ def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -
     from serving.load import load_sampler
 
     sampler = load_sampler(config.model, backend=config.backend, buckets=config.buckets,
-                           workers=config.workers)
+                           workers=config.workers, dtype=config.dtype)
     app = create_app(sampler, config)
     workers = f" x {config.workers} workers" if config.workers > 1 else ""
     print(f"janusflow serve: {config.model} ({config.backend}{workers}) on http://{host}:{port} "
