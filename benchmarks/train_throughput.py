@@ -36,6 +36,7 @@ from data.shapes.corpus import ShapesParams, build_shapes_corpus
 from flows.train.config import TrainConfig
 from flows.train.trainer import Trainer
 from models.config import preset as preset_config
+from models.precision import DTYPES
 from models.pipeline import JanusFlowPipeline
 
 # Dense bf16 peak (FLOP/s) of the GPUs we expect; MFU is not reported for unknown devices.
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--preset", default="shapes")
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
                         help="autocast dtype (auto: bf16 on a GPU or a CPU with AMX, else fp32)")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)

@@ -9,19 +9,28 @@ the depthwise 7x7 convolution's backward in g_enc / g_dec (~2x). Those run in fp
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# What a training config, `janusflow eval` and the torch serving backend take. This module imports
+# torch only inside its functions, so configs (and `janusflow train`'s launcher) read this without it.
+DTYPES = ("fp32", "bf16", "auto")
 
 
 def fp32_on_cpu(fn: Callable, *tensors: torch.Tensor, **kwargs):
     """fn(*tensors, **kwargs), in fp32 with autocast off when CPU autocast is on for these tensors."""
+    import torch
+
     if tensors[0].device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return fn(*tensors, **kwargs)
     with torch.autocast("cpu", enabled=False):
         return fn(*(t.float() for t in tensors), **kwargs)
 
 
+@functools.cache
 def cpu_has_amx() -> bool:
     """True when this CPU has AMX bf16 tiles (Linux: the amx_bf16 flag in /proc/cpuinfo)."""
     try:
@@ -39,6 +48,8 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
     with bf16 support, or a CPU with AMX) and fp32 elsewhere."""
     if dtype != "auto":
         return dtype
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.precision import resolve_dtype
+from models.precision import DTYPES, resolve_dtype
 from serving.backends import load_backend
 from serving.export import MANIFEST
 from serving.sampler import DEFAULT_BUCKETS, Sampler
@@ -46,7 +46,7 @@ def load_sampler(source: str | Path, *, backend: str = "torch",
     if workers != 1 and backend != "onnxruntime":
         raise ValueError(f"--workers {workers} runs parallel onnxruntime sessions: use --backend onnxruntime "
                          f"(not {backend})")
-    if dtype not in ("fp32", "bf16", "auto"):
+    if dtype not in DTYPES:
         raise ValueError(f"--dtype must be fp32, bf16 or auto, got {dtype!r}")
     if dtype != "fp32" and not backend.startswith("torch"):
         raise ValueError(f"--dtype {dtype} sets the torch backends' weights; {backend} runs the exported "

@@ -31,7 +31,7 @@ from data.shards import ShardReader
 from flows.evaluate.diagnostics import prompt_gain, vqa_by_type
 from flows.evaluate.geneval import judge, summarise, with_exact_counts
 from models.pipeline import JanusFlowPipeline
-from models.precision import resolve_dtype
+from models.precision import DTYPES, resolve_dtype
 from models.processor import pil_to_tensor
 from models.tokenizer import IMAGE
 
@@ -61,7 +61,7 @@ class EvalConfig:
             raise ValueError(f"eval.prompt_gain must be >= 0, got {self.prompt_gain}")
         if self.guidance < 1.0:
             raise ValueError(f"eval.guidance must be >= 1, got {self.guidance}")
-        if self.dtype not in ("fp32", "bf16", "auto"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"eval.dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         try:
             device = torch.device(self.device)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.config import dataclass_from_dict
+from models.precision import DTYPES
 
 STAGES = ("bootstrap", "1", "2", "3")
 STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: per part, below
 STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
-DTYPES = ("fp32", "bf16", "auto")
 PARALLEL = ("ddp", "fsdp")
 ATTENTION = ("sdpa", "flex", "segments")
 
