@@ -136,6 +136,10 @@ def serve(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000) -
                            workers=config.workers, dtype=config.dtype)
     app = create_app(sampler, config)
     workers = f" x {config.workers} workers" if config.workers > 1 else ""
+    if config.dtype != "fp32":  # what `auto` chose
+        from models.precision import resolve_dtype
+
+        workers += f", {resolve_dtype(config.dtype, 'cpu')}"
     print(f"janusflow serve: {config.model} ({config.backend}{workers}) on http://{host}:{port} "
           f"(buckets {list(sampler.buckets)}; ready after warm-up: GET /readyz)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=config.timeout_s)
