@@ -7,7 +7,8 @@
 # 2. benchmarks/sampler.py at the 1.3B preset in bf16: the official demo's loop vs our sampler
 #    (batch 8, 30 steps, CFG 2, random weights);
 # 3. benchmarks/train_throughput.py, stage 2 at the 1.3B preset in bf16 (tokens/s, images/s, MFU),
-#    with the dense packed mask (SDPA), then with FlexAttention's block mask (`attention: flex`);
+#    with the dense packed mask (SDPA), then with FlexAttention's block mask (`attention: flex`)
+#    and the frozen encoders' outputs read from a latent cache (`latent_cache:`);
 # 4. flex_check: the CUDA test that FlexAttention's losses and gradients equal the dense mask's;
 # optional (name them in ONLY):
 # 5. train_compile: step 3 with torch.compile per transformer block (config `compile: true`);
@@ -62,7 +63,8 @@ step sampler ${SAMPLER_LIMIT:-120} python3 benchmarks/sampler.py --preset janusf
 step train ${TRAIN_LIMIT:-120} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
     --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --profile --out "$OUT"
 step train_flex ${TRAIN_FLEX_LIMIT:-180} python3 benchmarks/train_throughput.py --preset janusflow-1.3b --stages 2 \
-    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --attention flex --out "$OUT"
+    --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --attention flex --latent-cache \
+    --out "$OUT"
 step flex_check 90 python3 -m pytest -q -p no:cacheprovider tests/test_packed_loss.py -k flex
 step train_compile ${TRAIN_COMPILE_LIMIT:-150} python3 benchmarks/train_throughput.py --preset janusflow-1.3b \
     --stages 2 --device cuda --dtype bf16 --rows 4 --max-len 4096 --steps 5 --warmup 2 --compile \

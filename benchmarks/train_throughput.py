@@ -72,6 +72,7 @@ def bench_stage(stage: str, *, corpus: Path, init: Path, out: Path, args) -> dic
                       save_every=10**6, device=args.device, dtype=args.dtype,
                       activation_checkpointing=args.activation_checkpointing, compile=args.compile,
                       attention=args.attention, sample_prompts=0, sample_questions=0,
+                      latent_cache=str(out.parent / "latent-cache") if args.latent_cache else None,
                       tracking_uri=f"sqlite:///{out.parent}/mlflow.db").validate()
     trainer = Trainer(cfg, progress=False)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -180,6 +181,9 @@ def main() -> None:
                              "switched every step, --steps each (CPU or GPU)")
     parser.add_argument("--dtype-ab", default="", metavar="A,B",
                         help="also time fp32 and bf16 autocast against each other, switched every step")
+    parser.add_argument("--latent-cache", action="store_true",
+                        help="read the frozen VAE's latents and SigLIP's REPA targets from a latent cache "
+                             "filled before the timed steps (TrainConfig.latent_cache)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per stage (torch.profiler, top operators)")
     parser.add_argument("--out", default="benchmarks/results")
@@ -203,11 +207,11 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "device": device_name(args.device),
               "preset": args.preset, "dtype": dtype, "rows": args.rows, "max_len": args.max_len,
               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-              "attention": args.attention, "stages": results}
+              "attention": args.attention, "latent_cache": args.latent_cache, "stages": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_throughput_{args.preset}_{args.device.split(':')[0]}_{args.dtype}" + \
-        ("" if args.attention == "sdpa" else f"_{args.attention}")
+        ("" if args.attention == "sdpa" else f"_{args.attention}") + ("_cache" if args.latent_cache else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = ["| date | device | preset | dtype | stage | rows x max_len | tokens/s | images/s | "
              "s/step | TFLOP/step | achieved TFLOP/s | MFU |", "|" + " --- |" * 12]

@@ -3,8 +3,10 @@
 Keys are the hash of the source image bytes plus its crop (see sequences.encode_gen), stored
 under a directory named by the encoder version: a hash of the VAE's and SigLIP's weights and
 configs. Retraining or swapping an encoder changes the version, so stale entries are never read.
-Training reads through `get`; `fill` pre-encodes every generation image whose crop is unique
-(square images already at the target size, as in the shapes world); others fill lazily.
+`fill` pre-encodes every generation image whose crop is unique (square images already at the
+target size, as in the shapes world); training (`latent_cache:` in a train config) fills the cache
+at the start of a stage and reads it through `get`, encoding live only what it misses (other crops,
+a corrupt entry). Entries are computed in fp32 whatever the training autocast.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class LatentCache:
     def __init__(self, root: str | Path, version: str):
         self.dir = Path(root) / version
         self.version = version
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.corrupt = 0
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -55,8 +57,14 @@ class LatentCache:
         if not path.is_file():
             self.misses += 1
             return None
+        try:
+            entry = load_file(str(path))
+        except Exception:  # truncated or foreign bytes: a miss, encoded live instead
+            self.misses += 1
+            self.corrupt += 1
+            return None
         self.hits += 1
-        return load_file(str(path))
+        return entry
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self._path(key)
@@ -80,8 +88,13 @@ def encode_batch(model, pixels_BCHW: torch.Tensor, *, repa: bool = True) -> list
 
 
 def fill(cache: LatentCache, model, corpus: str | Path, *, split: str = "train",
-         batch_size: int = 32, repa: bool = True, progress: bool = True) -> dict:
-    """Pre-encode the split's square, target-size generation images. Returns counts."""
+         batch_size: int = 32, repa: bool = True, progress: bool = True,
+         shard: tuple[int, int] = (0, 1)) -> dict:
+    """Pre-encode the split's square, target-size generation images. Returns counts.
+
+    shard (rank, world): this process takes every world-th image from the rank-th on, so several
+    processes fill one cache together without writing the same entry."""
+    rank, world = shard
     reader = ShardReader(corpus, split, "gen")
     size = model.config.gen.image_size
     counts = {"encoded": 0, "cached": 0, "lazy": 0}
@@ -94,7 +107,9 @@ def fill(cache: LatentCache, model, corpus: str | Path, *, split: str = "train",
             counts["encoded"] += len(todo)
             todo.clear()
 
-    for _, data in tqdm(reader, desc="encode latents", unit="image", disable=not progress):
+    for i, (_, data) in enumerate(tqdm(reader, desc="encode latents", unit="image", disable=not progress)):
+        if i % world != rank:
+            continue
         image = decode_image(data)
         if image.size != (size, size):
             counts["lazy"] += 1

@@ -90,7 +90,9 @@ class PackedObjective(torch.nn.Module):
     so wrappers that hook a module's forward (DDP, FSDP2) see the whole computation.
 
     gen_pixels: (G, 3, S, S) generation images in [-1, 1], in token order; `generator` draws t and
-    the noise. autocast_dtype: e.g. torch.bfloat16 on GPU; None runs in the weights' dtype.
+    the noise. gen_latents (G, C_lat, h, w) and gen_repa (G, N_gen, D_enc), where given (a latent
+    cache's entries), replace encoding gen_pixels with the VAE and SigLIP. autocast_dtype: e.g.
+    torch.bfloat16 on GPU; None runs in the weights' dtype.
     """
 
     def __init__(self, model, *, repa_weight: float = 1.0, autocast_dtype: torch.dtype | None = None,
@@ -100,8 +102,9 @@ class PackedObjective(torch.nn.Module):
         self.t_mean, self.t_std = t_mean, t_std
 
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
-                gen_pixels=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        latents = repa = None
+                gen_pixels=None, gen_latents=None, gen_repa=None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        latents, repa = gen_latents, gen_repa if self.repa_weight > 0 else None
         device = input_ids.device
         # The frozen VAE and REPA encoder run under the same autocast as the rest: in fp32 (matmuls
         # and convolutions at a fraction of the bf16 rate) a 1.3B stage-2 step on an H200 took
@@ -109,9 +112,10 @@ class PackedObjective(torch.nn.Module):
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             if gen_pixels is not None and len(gen_pixels):
-                with torch.no_grad():
-                    latents = self.model.encode_images(gen_pixels).float()
-                if self.repa_weight > 0:
+                if latents is None:
+                    with torch.no_grad():
+                        latents = self.model.encode_images(gen_pixels).float()
+                if repa is None and self.repa_weight > 0:
                     repa = self.model.repa_target(gen_pixels)
             return packed_losses(self.model, input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, roles=roles, labels=labels,

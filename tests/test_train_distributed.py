@@ -36,13 +36,18 @@ def one_process(train_env, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(train_env, one_process, tmp_path, mode):
-    # ddp: `procs: 2` in the config, started as one plain process; fsdp: started by torchrun
+    # ddp: `procs: 2` in the config, started as one plain process; fsdp: started by torchrun. Both
+    # read the frozen encoders' outputs from a latent cache the two processes fill together (the
+    # one-process run encodes them live)
     procs = 2 if mode == "ddp" else 1
-    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode, procs=procs)
+    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode, procs=procs,
+               latent_cache=str(tmp_path / "cache"))
     done = _train(cfg, tmp_path, [] if procs > 1 else TORCHRUN)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _losses(one_process), _losses(tmp_path / mode)
     assert [r["step"] for r in b] == [1, 2, 3]
+    assert len(list((tmp_path / "cache").glob("*/*/*.safetensors"))) == 40  # train_env's generation images
+    assert all(r["latent_cache_hit_rate"] == 1.0 for r in b)
     for x, y in zip(a, b):
         assert y["samples"] == x["samples"]  # the same micro-batches, split over the ranks
         for k in ("loss", "ar", "rf", "repa", "grad_norm"):

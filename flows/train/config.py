@@ -102,6 +102,10 @@ class TrainConfig:
     max_len: int = 1024
     grad_accum: int = 1
     prefetch: int = 2              # batches built ahead on a background thread (0: in the loop)
+    latent_cache: str | None = None  # directory of the frozen encoders' outputs (VAE latents, and
+                                   # REPA targets while SigLIP is frozen) for the generation images:
+                                   # filled at the start of the stage, read instead of encoding
+    latent_cache_fill: bool = True  # False: read what `janusflow data encode` put there, encode the rest live
     ema: float = 0.99              # EMA decay; step n uses min(ema, (1 + n) / (10 + n)), a warm-up
                                    # so a short stage's EMA is not mostly its initial weights
     t_mean: float = 0.0            # RF times: sigmoid(N(t_mean, t_std)), SD3's logit-normal; t = 0 is

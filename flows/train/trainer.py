@@ -88,6 +88,8 @@ class Trainer:
         self.model, self.processor = from_pretrained(cfg.init)
         self.model.to(self.device)
         self.names = apply_stage(self.model, cfg.stage)
+        # before any wrapper (FSDP2 shards the encoders' weights) or compiled block
+        self.cache, self.cache_repa = self._open_latent_cache()
         if cfg.attention == "flex":
             self.model.llm.set_attn_implementation("flex_attention")
         elif cfg.attention == "segments":
@@ -220,6 +222,8 @@ class Trainer:
             _add(sums, "tokens", batch.real_tokens)
             _add(sums, "images", (0 if batch.und_pixels is None else len(batch.und_pixels))
                  + len(batch.gen_keys))
+            _add(sums, "gen_images", len(batch.gen_keys))
+            _add(sums, "gen_cached", len(batch.gen_keys) if host.get("gen_latents") is not None else 0)
         norm_t = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
         # The host waits for the device once per step, here, not between a forward and its backward
         # (a wait there leaves the GPU idle while the host launches the backward). A non-finite loss
@@ -259,10 +263,46 @@ class Trainer:
         metrics.update({k: sums[k] / sums["micro_batches"] for k in stats})
         metrics.update(lr=lr, grad_norm=norm, tokens_per_s=sums["tokens"] / elapsed,
                        images_per_s=sums["images"] / elapsed)
+        if self.cache is not None and sums["gen_images"]:
+            metrics["latent_cache_hit_rate"] = sums["gen_cached"] / sums["gen_images"]
         for b in range(len(T_BINS) - 1):
             if sums[f"n_rf_bin{b}"]:
                 metrics[f"rf_t{T_BINS[b]:.2f}-{T_BINS[b + 1]:.2f}"] = sums[f"rf_bin{b}"] / sums[f"n_rf_bin{b}"]
         return metrics
+
+    def _open_latent_cache(self):
+        """(LatentCache or None, whether its REPA targets apply): filled here at the start of the
+        stage, each process encoding its share. Entries always hold both (so any stage can read
+        what another filled), but REPA targets are read only while SigLIP is frozen (stages 1-2):
+        in stage 3 they come from the training SigLIP, as without a cache."""
+        cfg = self.cfg
+        if not cfg.latent_cache:
+            return None, False
+        from data.latent_cache import LatentCache, encoder_version, fill
+
+        repa = cfg.repa_weight > 0 and "vision" in FROZEN[cfg.stage]
+        cache = LatentCache(cfg.latent_cache, encoder_version(self.model))
+        if cfg.latent_cache_fill:
+            training = self.model.training
+            self.model.eval()
+            fill(cache, self.model, cfg.corpus, progress=self.progress,
+                 shard=(self.world.rank, self.world.size))
+            self.model.train(training)
+            self.world.barrier()
+        return cache, repa
+
+    def _cached_latents(self, host: dict, keys: list) -> dict:
+        """host with the cache's latents (and REPA targets) of the micro-batch's generation images
+        in place of encoding them, when every one is cached; unchanged (encoded live) otherwise."""
+        entries = [self.cache.get(k) for k in keys]
+        if not keys or any(e is None or (self.cache_repa and "repa" not in e) for e in entries):
+            return host
+        host["gen_latents"] = torch.stack([e["latent"] for e in entries])
+        if self.cache_repa:
+            host["gen_repa"] = torch.stack([e["repa"] for e in entries])
+        if self.cache_repa or self.cfg.repa_weight == 0:
+            host["gen_pixels"] = None  # nothing left to encode from them
+        return host
 
     def _prepare(self, index: int, batch) -> dict | None:
         """The model inputs of micro-batch `index` of a step as host tensors (pinned for a GPU), or
@@ -272,6 +312,8 @@ class Trainer:
         full_image = self.model.config.gen.full_image_attention
         host = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, roles=batch.roles,
                     labels=batch.labels, und_pixels=batch.und_pixels, gen_pixels=batch.gen_pixels)
+        if self.cache is not None:
+            host = self._cached_latents(host, batch.gen_keys)
         if self.cfg.attention == "flex":  # the block mask is built on the device from (B, T) tensors
             host.update(zip(FLEX_MASK_INPUTS, batch.mask_inputs(full_image=full_image)))
         else:
