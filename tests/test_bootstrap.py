@@ -146,6 +146,41 @@ def test_siglip_trains_with_hard_negative_captions(train_env, tmp_path):
     assert not torch.equal(trained[0][name], trained[1][name])
 
 
+def test_siglip_learns_from_object_queries(train_env, tmp_path):
+    """siglip_queries: a head asks the shape of an object named by its (unique) colour; SigLIP's
+    vision tower learns from it, the head is not saved, and the metrics record it."""
+    from data.shapes.world import COLOURS, SHAPES
+    from flows.train.bootstrap import ObjectQueries
+
+    trained = {}
+    for w in (0.0, 1.0):
+        out = tmp_path / f"q{w}"
+        boot = Bootstrap(_boot_cfg(train_env, out, siglip_queries=w, vae_steps=0, llm_steps=0), progress=False)
+        boot.run()
+        trained[w] = SiglipModel.from_pretrained(str(out / "siglip")).vision_model.state_dict()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        asked = [r for r in rows if "siglip_query" in r]
+        assert len(asked) == (4 if w else 0)
+        assert all(0.0 <= r["siglip_query_acc"] <= 1.0 and r["siglip_query"] > 0 for r in asked)
+    name = "encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[0.0][name], trained[1.0][name])
+    assert set(trained[0.0]) == set(trained[1.0])  # the head is not part of SigLIP
+    from_pretrained(tmp_path / "q1.0" / "model")  # the model directory loads as before
+
+    _, _, scenes = boot._captioned_images()
+    queries = ObjectQueries(scenes, boot.siglip_model().config.vision_config, seed=0)
+    colours = sorted(COLOURS)
+    for scene, answers in zip(scenes, queries.answers):
+        named = [o["colour"] for o in scene["objects"]]
+        expected = {(colours.index(o["colour"]), SHAPES.index(o["shape"])) for o in scene["objects"]
+                    if named.count(o["colour"]) == 1}
+        assert set(answers) == expected
+    assert sum(map(bool, queries.answers)) > len(scenes) // 2
+    loss, acc = queries.loss(torch.randn(3, 16, queries.head.out.in_features, requires_grad=True), [0, 1, 2])
+    loss.backward()
+    assert loss > 0 and 0 <= float(acc) <= 1
+
+
 def test_resume_under_another_tracking_store_logs_to_a_new_run(booted, train_env, tmp_path, capsys):
     """A resumed stage whose MLflow run is not in the current store (MLFLOW_TRACKING_URI changed)
     warns and opens a new run instead of failing."""
@@ -174,6 +209,8 @@ def test_bootstrap_config_errors_name_the_field():
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"vae_batch": 1}}).validate()
     with pytest.raises(ConfigError, match="siglip_negatives >= 0"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_negatives": -1}}).validate()
+    with pytest.raises(ConfigError, match="siglip_queries >= 0"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_queries": -1.0}}).validate()
     for model, match in (({"llm": {"hidden": 3}}, r"bootstrap.model: unknown config key\(s\) in 'llm': hidden"),
                          ({"llm": {"num_hidden_layers": "six"}}, "bootstrap.model: llm.num_hidden_layers must be an integer"),
                          ({"llm": {"num_key_value_heads": 3}}, "bootstrap.model: llm.num_attention_heads .4. must be a multiple"),

@@ -43,6 +43,9 @@ class BootstrapConfig:
     siglip_batch: int = 64
     siglip_text_layers: int = 2
     siglip_negatives: int = 0  # counterfactual captions per image and step (a shape or colour changed)
+    siglip_queries: float = 0.0  # weight of the object-query loss: a small head reads, from the patch
+                                 # features, the shape of the object of a colour named in the query
+                                 # (scenes of the shapes world; the head is dropped afterwards)
     llm_steps: int = 300
     llm_lr: float = 2e-3
     llm_batch: int = 16
@@ -77,9 +80,9 @@ class BootstrapConfig:
             raise ConfigError(f"bootstrap.vae_crop_steps must be in [0, vae_steps={self.vae_steps}], "
                               f"got {self.vae_crop_steps}")
         if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
-                or self.llm_seq_len < 8 or self.warmup < 0):
+                or self.siglip_queries < 0 or self.llm_seq_len < 8 or self.warmup < 0):
             raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
-                              "siglip_negatives >= 0, llm_seq_len >= 8, warmup >= 0")
+                              "siglip_negatives >= 0, siglip_queries >= 0, llm_seq_len >= 8, warmup >= 0")
 
 
 @dataclass
