@@ -110,6 +110,9 @@ def fill(cache: LatentCache, model, corpus: str | Path, *, split: str = "train",
     for i, (_, data) in enumerate(tqdm(reader, desc="encode latents", unit="image", disable=not progress)):
         if i % world != rank:
             continue
+        if data is None:  # a record without image bytes: nothing to encode
+            counts["lazy"] += 1
+            continue
         image = decode_image(data)
         if image.size != (size, size):
             counts["lazy"] += 1
