@@ -104,7 +104,8 @@ class PackedObjective(torch.nn.Module):
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
                 gen_pixels=None, gen_latents=None, gen_repa=None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        latents, repa = gen_latents, gen_repa if self.repa_weight > 0 else None
+        latents = gen_latents
+        repa = gen_repa if self.repa_weight > 0 else None
         device = input_ids.device
         # The frozen VAE and REPA encoder run under the same autocast as the rest: in fp32 (matmuls
         # and convolutions at a fraction of the bf16 rate) a 1.3B stage-2 step on an H200 took

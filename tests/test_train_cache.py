@@ -1,24 +1,19 @@
 """Training through the latent cache (`latent_cache:`) on `tiny`: the frozen encoders' outputs are
 read instead of computed, and the run trains as it would without them."""
 
-import json
-
 import pytest
 from safetensors.torch import load_file
 
-from flows.train.config import TrainConfig
 from flows.train.trainer import Trainer
+from test_train import _cfg, _losses
 
 GEN_IMAGES = 40  # train_gen of the train_env corpus
 
 
 def _run(env, out, **kw):
-    base = dict(stage="2", init=str(env / "init"), corpus=str(env / "corpus"), out=str(out), steps=3,
-                rows=2, max_len=256, warmup=2, save_every=3, sample_prompts=0, sample_questions=0,
-                tracking_uri=f"sqlite:///{env}/mlflow.db")
-    trainer = Trainer(TrainConfig(**{**base, **kw}).validate(), progress=False)
+    trainer = Trainer(_cfg(env, out, steps=3, sample_prompts=0, sample_questions=0, **kw), progress=False)
     trainer.run()
-    return trainer, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return trainer, _losses(out)
 
 
 def _entries(cache_dir):
