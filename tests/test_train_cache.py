@@ -2,6 +2,7 @@
 read instead of computed, and the run trains as it would without them."""
 
 import pytest
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flows.train.trainer import Trainer
@@ -60,4 +61,10 @@ def test_a_second_stage_reuses_the_entries_and_bad_ones_are_encoded_live(train_e
     trainer, again = _run(train_env, tmp_path / "again", latent_cache=str(cache))
     _same_losses(live, again)
     assert files[1].is_file()
+    # what the fill did is on the stage's MLflow run
+    run = MlflowClient(tracking_uri=trainer.cfg.tracking_uri).get_run(trainer.run_id)
+    assert {k: run.data.metrics[k] for k in ("latent_cache_encoded", "latent_cache_reused",
+                                             "latent_cache_not_encodable")} == \
+        {"latent_cache_encoded": 1, "latent_cache_reused": GEN_IMAGES - 1, "latent_cache_not_encodable": 0}
+    assert run.data.metrics["latent_cache_fill_s"] > 0
     assert all(f.stat().st_mtime_ns == stamps[f] for f in files[2:])

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from flows.train.trainer import Trainer
 from models.checkpoint import from_pretrained
@@ -62,6 +63,9 @@ def test_two_processes_match_one_with_the_same_global_batch(train_env, one_proce
     assert moved
     meta = json.loads(next((tmp_path / mode / "checkpoints").glob("step-*/meta.json")).read_text())
     assert meta["world_size"] == 2 and meta["step"] == 3
+    # each process encoded its half; the run records the sum
+    metrics = MlflowClient(tracking_uri=cfg.tracking_uri).get_run(meta["run_id"]).data.metrics
+    assert (metrics["latent_cache_encoded"], metrics["latent_cache_reused"]) == (40, 0)
 
 
 def test_more_processes_than_gpus_is_one_line_before_joining(monkeypatch):

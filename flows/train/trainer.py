@@ -148,6 +148,8 @@ class Trainer:
                                     "world_size": str(self.world.size),
                                     "autocast": self.dtype})
             self.run_id = tracker.run_id
+            if self.cache_fill:  # what the stage's start encoded into the latent cache
+                tracker.log_metrics(self.cache_fill, self.step)
             log = open(self.out / "metrics.jsonl", "a")
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not self.progress)
@@ -276,6 +278,7 @@ class Trainer:
         what another filled), but REPA targets are read only while SigLIP is frozen (stages 1-2):
         in stage 3 they come from the training SigLIP, as without a cache."""
         cfg = self.cfg
+        self.cache_fill = {}
         if not cfg.latent_cache:
             return None, False
         from data.latent_cache import LatentCache, encoder_version, fill
@@ -285,10 +288,15 @@ class Trainer:
         if cfg.latent_cache_fill:
             training = self.model.training
             self.model.eval()
-            fill(cache, self.model, cfg.corpus, progress=self.progress,
-                 shard=(self.world.rank, self.world.size))
+            start = time.perf_counter()
+            counts = fill(cache, self.model, cfg.corpus, progress=self.progress,
+                          shard=(self.world.rank, self.world.size))
             self.model.train(training)
-            self.world.barrier()
+            # the sum over ranks also waits for every process's share of the entries
+            totals = self.world.sum([counts["encoded"], counts["cached"], counts["lazy"]])
+            self.cache_fill = {"latent_cache_encoded": totals[0], "latent_cache_reused": totals[1],
+                               "latent_cache_not_encodable": totals[2],
+                               "latent_cache_fill_s": time.perf_counter() - start}
         return cache, repa
 
     def _cached_latents(self, host: dict, keys: list) -> dict:
