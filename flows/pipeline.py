@@ -139,12 +139,10 @@ def serve_smoke_task(out: str, root: str = str(ROOT)) -> dict:
 
 def parent_run(root: Path) -> str:
     """The pipeline's MLflow run; every stage's run nests under it (JANUSFLOW_PARENT_RUN_ID)."""
-    from mlflow.tracking import MlflowClient
-
     from flows.cli_train import PARENT_RUN_ENV
-    from flows.train.tracking import experiment_id, git_commit
+    from flows.train.tracking import experiment_id, git_commit, open_client
 
-    client = MlflowClient(tracking_uri=_env(root)["MLFLOW_TRACKING_URI"])
+    client = open_client(_env(root)["MLFLOW_TRACKING_URI"])
     run_id = client.create_run(experiment_id(client, "janusflow"), tags={"mlflow.runName": "train-all", "stage": "pipeline",
                                              "git_commit": git_commit()}).info.run_id
     os.environ[PARENT_RUN_ENV] = run_id

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flows.train.tracking import experiment_id, tracking_uri
+from flows.train.tracking import experiment_id, open_client, tracking_uri
 
 MODEL_NAME = "janusflow"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -77,7 +77,7 @@ def client() -> MlflowClient:
     uri = tracking_uri(None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return open_client(uri, registry=True)
 
 
 def alias_version(c: MlflowClient, alias: str, name: str = MODEL_NAME) -> str | None:

@@ -1,6 +1,10 @@
 """Training stages on `tiny`: freezing, exact resume, atomic checkpoints, MLflow, bad input."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,3 +369,22 @@ def test_tracker_sends_buffered_metrics_in_batches_and_all_of_them_at_the_end(tr
     assert sent == [10, 4]
     assert sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "b")) == \
         [(s, -float(s)) for s in range(1, 8)]
+
+
+def test_processes_that_open_a_fresh_mlflow_database_together_all_get_their_run(tmp_path):
+    """Stages or sweeps started at the same moment on a new sqlite file: MLflow's table creation is
+    done under a lock, and the experiment is created once (without: 'table experiments already
+    exists' in one of two processes, seen 2026-12-02)."""
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    code = ("import sys, time; from flows.train.tracking import experiment_id, open_client\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "c = open_client(sys.argv[1]); print(c.create_run(experiment_id(c, 'janusflow')).info.run_id)\n")
+    start = time.time() + 8  # after every interpreter has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outs]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("janusflow").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(out.strip() for out, _ in outs)

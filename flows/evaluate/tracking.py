@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
-from flows.train.tracking import experiment_id, flatten, git_commit, tracking_uri
+from flows.train.tracking import experiment_id, flatten, git_commit, open_client, tracking_uri
 from models.precision import resolve_dtype
 
 EXPERIMENT = "janusflow"
@@ -18,7 +17,7 @@ EXPERIMENT = "janusflow"
 def log_evaluation(metrics: dict, *, model: Path, report: Path, metrics_file: Path, cfg,
                    parent_run_id: str | None = None, experiment: str = EXPERIMENT) -> str:
     uri = tracking_uri(None)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     exp_id = experiment_id(client, experiment)
     tags = {"stage": "evaluate", "git_commit": git_commit(), "model_dir": str(model.resolve()),
             "mlflow.runName": "evaluate", "dtype": resolve_dtype(cfg.dtype, cfg.device)}

@@ -9,6 +9,7 @@ critical path of rank 0 (batched: ~8 ms per step).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -47,10 +48,42 @@ def git_commit() -> str:
         return "unknown"
 
 
+def open_client(uri: str, *, registry: bool = False) -> MlflowClient:
+    """An MlflowClient on `uri` whose store exists. MLflow creates a new sqlite database's tables on
+    first use; two processes doing that at once (two stages or sweeps started together on a fresh
+    file) race, and one dies with an SQL error. So the first use happens under a file lock
+    (DB.lock next to the database)."""
+    def first_use() -> MlflowClient:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri if registry else None)
+        client.search_experiments(max_results=1)
+        if registry:
+            client.search_registered_models(max_results=1)
+        return client
+
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if not path or path == ":memory:":
+        return first_use()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return first_use()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of MLflow experiment `name`, created on first use."""
+    """The id of MLflow experiment `name`, created on first use (by whichever process gets there
+    first when several start together)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 class Tracker:
@@ -59,7 +92,7 @@ class Tracker:
     def __init__(self, cfg, *, run_id: str | None, parent_run_id: str | None, tags: dict):
         uri = tracking_uri(cfg.tracking_uri)
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         if run_id is not None and not self._exists(run_id):
             # e.g. a checkpoint resumed under another MLFLOW_TRACKING_URI: carry on in a new run
             print(f"warning: MLflow run {run_id} of the checkpoint is not in {uri}; "
