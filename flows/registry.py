@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -32,14 +33,15 @@ class RegistryError(ValueError):
 
 class JanusFlowModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of the pipeline: rows with `prompt` (and optional seed, steps, guidance)
-    give PNG images as base64; rows with `image` (base64) and `question` give answers."""
+    give PNG images as base64; rows with `image` (base64) and `question` give answers. (Without the
+    type hint on `predict`, MLflow warns at class definition, in every command importing this.)"""
 
     def load_context(self, context):
         from models.pipeline import JanusFlowPipeline
 
         self.pipe = JanusFlowPipeline.from_pretrained(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import base64
         import io
 
