@@ -168,17 +168,39 @@ def test_siglip_learns_from_object_queries(train_env, tmp_path):
     from_pretrained(tmp_path / "q1.0" / "model")  # the model directory loads as before
 
     _, _, scenes = boot._captioned_images()
-    queries = ObjectQueries(scenes, boot.siglip_model().config.vision_config, seed=0)
+    vision = boot.siglip_model().config.vision_config
+    queries = ObjectQueries(scenes, vision, seed=0, kinds=("shape", "colour", "count"))
     colours = sorted(COLOURS)
+    # query tokens: 6 colours, 3 shapes, "how many"; answers: 3 shapes, 6 colours, counts 1-4
+    assert (queries.head.query.num_embeddings, queries.head.out.out_features) == (10, 13)
     for scene, answers in zip(scenes, queries.answers):
-        named = [o["colour"] for o in scene["objects"]]
-        expected = {(colours.index(o["colour"]), SHAPES.index(o["shape"])) for o in scene["objects"]
-                    if named.count(o["colour"]) == 1}
-        assert set(answers) == expected
-    assert sum(map(bool, queries.answers)) > len(scenes) // 2
+        objects = scene["objects"]
+        colour_of = [o["colour"] for o in objects]
+        shape_of = [o["shape"] for o in objects]
+        assert set(answers.get("shape", [])) == {
+            (colours.index(o["colour"]), SHAPES.index(o["shape"])) for o in objects
+            if colour_of.count(o["colour"]) == 1}
+        assert set(answers.get("colour", [])) == {
+            (6 + SHAPES.index(o["shape"]), 3 + colours.index(o["colour"])) for o in objects
+            if shape_of.count(o["shape"]) == 1}
+        assert answers["count"] == [(9, 9 + len(objects) - 1)]
+    assert sum("shape" in a for a in queries.answers) > len(scenes) // 2
+    # the default asks shapes only; one batch asks every kind a scene allows
+    assert all(set(a) <= {"shape"} for a in ObjectQueries(scenes, vision, seed=0).answers)
+    asked = [a for i in range(8) for a in _asks(queries, list(range(len(scenes))))]
+    assert {0 <= q < 6 for q in asked} == {True, False} and 9 in asked and any(6 <= q < 9 for q in asked)
     loss, acc = queries.loss(torch.randn(3, 16, queries.head.out.in_features, requires_grad=True), [0, 1, 2])
     loss.backward()
     assert loss > 0 and 0 <= float(acc) <= 1
+
+
+def _asks(queries, idx):
+    """The query tokens one loss() call asks (read off the head's input)."""
+    seen = []
+    hook = queries.head.query.register_forward_hook(lambda m, args, out: seen.extend(args[0].tolist()))
+    queries.loss(torch.randn(len(idx), 16, queries.head.out.in_features), idx)
+    hook.remove()
+    return seen
 
 
 def test_resume_under_another_tracking_store_logs_to_a_new_run(booted, train_env, tmp_path, capsys):
@@ -211,6 +233,9 @@ def test_bootstrap_config_errors_name_the_field():
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_negatives": -1}}).validate()
     with pytest.raises(ConfigError, match="siglip_queries >= 0"):
         TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_queries": -1.0}}).validate()
+    with pytest.raises(ConfigError, match=r"siglip_query_kinds must be a non-empty list of shape, colour, "
+                                          r"count, got \['size'\]"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_query_kinds": ["size"]}}).validate()
     for model, match in (({"llm": {"hidden": 3}}, r"bootstrap.model: unknown config key\(s\) in 'llm': hidden"),
                          ({"llm": {"num_hidden_layers": "six"}}, "bootstrap.model: llm.num_hidden_layers must be an integer"),
                          ({"llm": {"num_key_value_heads": 3}}, "bootstrap.model: llm.num_attention_heads .4. must be a multiple"),

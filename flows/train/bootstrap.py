@@ -141,8 +141,8 @@ class Bootstrap:
         length = siglip.config.text_config.max_position_embeddings
         ids = self._tokens(captions, length)
         negatives = NegativeCaptions(scenes, b.siglip_negatives, seed=self.cfg.seed + 1)
-        queries = ObjectQueries(scenes, siglip.config.vision_config, seed=self.cfg.seed + 3) \
-            if b.siglip_queries else None
+        queries = ObjectQueries(scenes, siglip.config.vision_config, seed=self.cfg.seed + 3,
+                                kinds=b.siglip_query_kinds) if b.siglip_queries else None
         head = [] if queries is None else list(queries.head.to(self.device).parameters())
         opt = self._optimizer(list(siglip.parameters()) + head, b.siglip_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
@@ -400,36 +400,52 @@ class ObjectQueries:
     training alone leaves shape hard to read off the small SigLIP's patch features: a reader trained
     on them answered "what shape is the <colour> object" 61% right after 64k questions, against 97%
     when the same ViT learnt that task itself (2026-12-02, docs/experiments.md); a pretrained SigLIP
-    knows shapes. So a small head (two transformer layers over a colour query token and the patch
-    features) asks, per image and step, the shape of one object whose colour is unique in its scene;
-    SigLIP learns from its cross-entropy, and the head is dropped after the bootstrap.
-    Images without a scene (a corpus from elsewhere) ask nothing."""
+    knows shapes. So a small head (two transformer layers over a query token and the patch
+    features) asks, per image and step, one question about its scene, and SigLIP learns from its
+    cross-entropy; the head is dropped after the bootstrap. Kinds (`bootstrap.siglip_query_kinds`):
+    "shape" (of the object whose colour is unique, the query token being that colour), "colour" (of
+    the object whose shape is unique) and "count" (how many objects); each image asks one of the kinds
+    its scene allows, drawn evenly. Images without a scene (a corpus from elsewhere) ask nothing."""
 
-    def __init__(self, scenes: list[dict | None], vision_config, *, seed: int):
-        from data.shapes.world import COLOURS, SHAPES
+    def __init__(self, scenes: list[dict | None], vision_config, *, seed: int,
+                 kinds: tuple[str, ...] = ("shape",)):
+        from data.shapes.world import COLOURS, NUMBERS, SHAPES
 
         self.rng = np.random.default_rng(seed)
-        colours = sorted(COLOURS)
-        # per image: (colour index, shape index) of each object whose colour no other object has
-        self.answers: list[list[tuple[int, int]]] = []
+        colours, counts = sorted(COLOURS), len(NUMBERS) - 1
+        # query tokens: the colours, then the shapes, then "how many"; answers: the shapes, then the
+        # colours, then the counts 1..4
+        ask_shape, ask_colour, ask_count = 0, len(colours), len(colours) + len(SHAPES)
+        is_shape, is_colour, is_count = 0, len(SHAPES), len(SHAPES) + len(colours)
+        # per image and kind: the (query token, answer) pairs its scene has
+        self.answers: list[dict[str, list[tuple[int, int]]]] = []
         for scene in scenes:
-            objects = (scene or {}).get("objects") or []
-            seen = [o["colour"] for o in objects]
-            self.answers.append([(colours.index(o["colour"]), SHAPES.index(o["shape"])) for o in objects
-                                 if seen.count(o["colour"]) == 1 and o["colour"] in colours
-                                 and o["shape"] in SHAPES])
+            objects = [o for o in (scene or {}).get("objects") or []
+                       if o["colour"] in colours and o["shape"] in SHAPES]
+            same_colour = [o["colour"] for o in objects]
+            same_shape = [o["shape"] for o in objects]
+            pairs = {
+                "shape": [(ask_shape + colours.index(o["colour"]), is_shape + SHAPES.index(o["shape"]))
+                          for o in objects if same_colour.count(o["colour"]) == 1],
+                "colour": [(ask_colour + SHAPES.index(o["shape"]), is_colour + colours.index(o["colour"]))
+                           for o in objects if same_shape.count(o["shape"]) == 1],
+                "count": [(ask_count, is_count + len(objects) - 1)] if 1 <= len(objects) <= counts else [],
+            }
+            self.answers.append({k: pairs[k] for k in kinds if pairs[k]})
         d = vision_config.hidden_size
-        self.head = QueryHead(d, len(colours), len(SHAPES), heads=vision_config.num_attention_heads)
+        self.head = QueryHead(d, ask_count + 1, is_count + counts, heads=vision_config.num_attention_heads)
 
     def loss(self, features_BND: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy, accuracy) over the batch's images that have a question."""
         rows, asks, labels = [], [], []
         for row, i in enumerate(idx):
             if self.answers[i]:
-                colour, shape = self.answers[i][int(self.rng.integers(len(self.answers[i])))]
+                kinds = sorted(self.answers[i])
+                pairs = self.answers[i][kinds[int(self.rng.integers(len(kinds)))]]
+                ask, answer = pairs[int(self.rng.integers(len(pairs)))]
                 rows.append(row)
-                asks.append(colour)
-                labels.append(shape)
+                asks.append(ask)
+                labels.append(answer)
         if not rows:
             zero = features_BND.sum() * 0.0
             return zero, zero.detach()

@@ -19,6 +19,7 @@ STAGE_LR = {"bootstrap": 1e-3, "1": 1e-4, "2": 1e-4, "3": 2e-5}   # bootstrap: p
 STAGE_WARMUP = {"bootstrap": 20, "1": 2000, "2": 2000, "3": 1000}
 PARALLEL = ("ddp", "fsdp")
 ATTENTION = ("sdpa", "flex", "segments")
+QUERY_KINDS = ("shape", "colour", "count")  # the bootstrap's SigLIP object queries (flows/train/bootstrap.py)
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,8 @@ class BootstrapConfig:
     siglip_queries: float = 0.0  # weight of the object-query loss: a small head reads, from the patch
                                  # features, the shape of the object of a colour named in the query
                                  # (scenes of the shapes world; the head is dropped afterwards)
+    siglip_query_kinds: tuple[str, ...] = ("shape",)  # what it asks: shape (of the <colour> object),
+                                 # colour (of the <shape>), count (how many objects)
     llm_steps: int = 300
     llm_lr: float = 2e-3
     llm_batch: int = 16
@@ -79,6 +82,9 @@ class BootstrapConfig:
         if not 0 <= self.vae_crop_steps <= self.vae_steps:
             raise ConfigError(f"bootstrap.vae_crop_steps must be in [0, vae_steps={self.vae_steps}], "
                               f"got {self.vae_crop_steps}")
+        if not self.siglip_query_kinds or set(self.siglip_query_kinds) - set(QUERY_KINDS):
+            raise ConfigError(f"bootstrap.siglip_query_kinds must be a non-empty list of "
+                              f"{', '.join(QUERY_KINDS)}, got {list(self.siglip_query_kinds)}")
         if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
                 or self.siglip_queries < 0 or self.llm_seq_len < 8 or self.warmup < 0):
             raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
