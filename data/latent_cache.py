@@ -12,15 +12,17 @@ a corrupt entry). Entries are computed in fp32 whatever the training autocast.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data.sequences import decode_image, generation_image
+from data.sequences import decode_image, generation_image, latent_key
 from data.shards import ShardReader
 
 
@@ -113,14 +115,15 @@ def fill(cache: LatentCache, model, corpus: str | Path, *, split: str = "train",
         if data is None:  # a record without image bytes: nothing to encode
             counts["lazy"] += 1
             continue
-        image = decode_image(data)
-        if image.size != (size, size):
+        with Image.open(io.BytesIO(data)) as header:  # the size without decoding the pixels
+            square = header.size == (size, size)
+        if not square:
             counts["lazy"] += 1
             continue
-        pixels, key = generation_image(image, size, np.random.default_rng(0), image_bytes=data)
-        if key in cache:
+        if latent_key(data, (0, 0), size) in cache:  # a target-size image's only crop
             counts["cached"] += 1
             continue
+        pixels, key = generation_image(decode_image(data), size, np.random.default_rng(0), image_bytes=data)
         todo.append((key, pixels))
         if len(todo) == batch_size:
             flush()

@@ -121,9 +121,12 @@ def generation_image(image: Image.Image, size: int, rng: np.random.Generator, *,
                      image_bytes: bytes | None = None) -> tuple[torch.Tensor, str | None]:
     """(3, S, S) VAE input of a generation image and its latent-cache key (None without bytes)."""
     pixels, box = preprocess_generation(image, size, rng)
-    if image_bytes is None:
-        return pixels, None
-    return pixels, hashlib.sha256(image_bytes + repr((box, size)).encode()).hexdigest()
+    return pixels, None if image_bytes is None else latent_key(image_bytes, box, size)
+
+
+def latent_key(image_bytes: bytes, box: tuple[int, int], size: int) -> str:
+    """The latent-cache key of one crop (its (left, top) box at `size`) of an encoded image."""
+    return hashlib.sha256(image_bytes + repr((box, size)).encode()).hexdigest()
 
 
 def preprocess_generation(image: Image.Image, size: int, rng: np.random.Generator):
