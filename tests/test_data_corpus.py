@@ -64,6 +64,38 @@ def test_train_never_shows_a_held_out_pair_and_unseen_always_does(shapes_corpus)
         assert f"{colour} {shape}" not in train_text + prompts
 
 
+def test_understanding_conversations_ask_every_question_of_their_scene(shapes_corpus):
+    """ask_all (the default): apart from captions, a conversation asks each question vqa() asks of
+    its scene once, every answer right for the scene; without it, mostly one question."""
+    import numpy as np
+
+    from data.shapes.corpus import conversation, scene_from_dict
+    from data.shapes.text import CAPTION_QUESTION, question_kind, vqa
+    from data.shapes.world import NUMBERS
+
+    records = [record for record, _ in ShardReader(shapes_corpus, "train", "und")]
+    asked = []
+    for record in records:
+        turns = record["conversation"]
+        questions = [t["user"].replace(tk.IMAGE, "").strip() for t in turns]
+        qa = [(q, t["assistant"]) for q, t in zip(questions, turns) if q != CAPTION_QUESTION]
+        if record["task"] == "caption":
+            assert len(turns) == 1 and not qa
+            continue
+        kinds = [question_kind(q) for q, _ in qa]
+        assert len(set(kinds)) == len(kinds) and {"count_all", "count_shape"} <= set(kinds)
+        scene = scene_from_dict(record["scene"])
+        assert ("How many objects are there?", NUMBERS[len(scene.objects)]) in qa
+        # every kind the scene allows is asked (the relation kind only when the pair drawn has one)
+        allowed = {question_kind(q) for seed in range(20) for q, _ in vqa(np.random.default_rng(seed), scene)}
+        assert allowed - {"relation"} <= set(kinds) <= allowed
+        asked.append(len(qa))
+    assert len(asked) > len(records) // 2 and np.mean(asked) > 3
+    one = [conversation(np.random.default_rng(i), scene_from_dict(records[0]["scene"]), ask_all=False)
+           for i in range(40)]
+    assert sum(task == "vqa" and len(turns) == 1 for task, turns in one) > 10
+
+
 def test_held_out_scenes_are_not_train_images(shapes_corpus):
     train = {sha256_bytes(img) for k in ("gen", "und") for _, img in ShardReader(shapes_corpus, "train", k)}
     for split in ("heldout", "unseen"):

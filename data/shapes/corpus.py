@@ -47,6 +47,8 @@ class ShapesParams:
     eval_per_category: int = 16
     vocab_size: int = 2048
     shard_size: int = 1000
+    # an understanding conversation asks every question its scene allows (shuffled) instead of one
+    ask_all: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShapesParams":
@@ -83,11 +85,21 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def conversation(rng: np.random.Generator, scene: Scene) -> tuple[str, list[dict]]:
-    """(task, turns) about a scene: a caption, one VQA question, or a multi-turn mix."""
+def conversation(rng: np.random.Generator, scene: Scene, *, ask_all: bool = True) -> tuple[str, list[dict]]:
+    """(task, turns) about a scene. With ask_all: a caption (1 in 5), else every question vqa()
+    asks of the scene in random order, after the caption in a quarter of them; four times the
+    answers per image for a few more tokens than one question (held-out VQA +0.06, 2026-12-02).
+    Without: a caption, one question, or the caption and two or three questions (3:5:2)."""
     qa = vqa(rng, scene)
     roll = rng.random()
-    if roll < 0.3:
+    if ask_all:
+        if roll < 0.2:
+            task, pairs = "caption", [(CAPTION_QUESTION, caption(scene))]
+        else:
+            task, pairs = "multi", [qa[i] for i in rng.permutation(len(qa))]
+            if rng.random() < 0.25:
+                pairs = [(CAPTION_QUESTION, caption(scene))] + pairs
+    elif roll < 0.3:
         task, pairs = "caption", [(CAPTION_QUESTION, caption(scene))]
     elif roll < 0.8:
         task, pairs = "vqa", [qa[int(rng.integers(len(qa)))]]
@@ -146,7 +158,7 @@ def build_split(root: Path, split: str, rng: np.random.Generator, params: Shapes
             png = png_bytes(render(scene, params.image_size))
             if _is_seen(png, exclude, counts):
                 continue
-            task, turns = conversation(rng, scene)
+            task, turns = conversation(rng, scene, ask_all=params.ask_all)
             w.write(f"und{counts['und']:07d}", {"task": task, "conversation": turns,
                                                 "scene": scene_dict(scene)}, png)
             counts["und"] += 1
