@@ -87,8 +87,8 @@ def png_bytes(image) -> bytes:
 
 def conversation(rng: np.random.Generator, scene: Scene, *, ask_all: bool = True) -> tuple[str, list[dict]]:
     """(task, turns) about a scene. With ask_all: a caption (1 in 5), else every question vqa()
-    asks of the scene in random order, after the caption in a quarter of them; four times the
-    answers per image for a few more tokens than one question (held-out VQA +0.06, 2026-12-02).
+    asks of the scene in random order, after the caption in a quarter of them: about 3.5 times the
+    answers per image for ~50 more tokens (held-out VQA +0.03-0.06, docs/experiments.md, stop 25).
     Without: a caption, one question, or the caption and two or three questions (3:5:2)."""
     qa = vqa(rng, scene)
     roll = rng.random()
