@@ -85,7 +85,7 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def conversation(rng: np.random.Generator, scene: Scene, *, ask_all: bool = True) -> tuple[str, list[dict]]:
+def conversation(rng: np.random.Generator, scene: Scene, *, ask_all: bool) -> tuple[str, list[dict]]:
     """(task, turns) about a scene. With ask_all: a caption (1 in 5), else every question vqa()
     asks of the scene in random order, after the caption in a quarter of them: about 3.5 times the
     answers per image for ~50 more tokens (held-out VQA +0.03-0.06, docs/experiments.md, stop 25).
