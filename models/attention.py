@@ -52,9 +52,12 @@ def _blocks_of(mask_B1TT: torch.Tensor) -> list[list[int]]:
     return _last[1]
 
 
+@torch.compiler.disable
 def segments_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature: (B, H, T, D) tensors in, (B, T, H, D) out.
-    In fp32 under a CPU's bf16 autocast (models/precision.py)."""
+    In fp32 under a CPU's bf16 autocast (models/precision.py). Left out of `torch.compile` (`compile:
+    true` compiles the rest of each block): its loop over blocks follows each batch's packing, which
+    would recompile the block at every new layout."""
     return fp32_on_cpu(lambda q, k, v: _segments(module, q, k, v, attention_mask, **kwargs),
                        query, key, value)
 

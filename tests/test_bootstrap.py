@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from transformers import SiglipModel
 
 from flows.train.bootstrap import Bootstrap
-from flows.train.config import ConfigError, TrainConfig
+from flows.train.config import BootstrapConfig, ConfigError, TrainConfig
 from models.checkpoint import from_pretrained
 
 
@@ -318,6 +318,22 @@ def test_vae_trains_on_crops_first_then_whole_images(train_env, tmp_path):
         _boot_cfg(train_env, tmp_path / "bad", vae_crop=6)
     with pytest.raises(ConfigError, match=r"^bootstrap\.vae_crop_steps must be in \[0, vae_steps=4\]"):
         _boot_cfg(train_env, tmp_path / "bad", vae_crop=8, vae_crop_steps=5)
+
+
+def test_each_part_cools_down_over_the_last_fraction_of_its_steps(train_env, tmp_path):
+    """`cooldown: f`: warm-up, constant LR, then a linear decay over the last f of a part's steps
+    (never to 0 on a step that still trains)."""
+    cfg = _boot_cfg(train_env, tmp_path / "cool", llm_steps=8, llm_lr=1e-3, warmup=2, cooldown=0.25)
+    boot = Bootstrap(cfg, progress=False)
+    lrs, update = [], boot._update
+    boot._update = lambda opt, loss, lr: (lrs.append(lr), update(opt, loss, lr))[1]
+    boot.out.mkdir(parents=True)
+    with open(boot.out / "metrics.jsonl", "w") as boot.log:
+        boot.train_llm(None)
+    assert lrs == pytest.approx([5e-4] + [1e-3] * 5 + [2e-3 / 3, 1e-3 / 3])
+    assert [BootstrapConfig(warmup=2).lr_factor(i, 8) for i in range(8)] == [0.5] + [1.0] * 7  # the default
+    with pytest.raises(ConfigError, match=r"^bootstrap\.cooldown must be in \[0, 1\]"):
+        _boot_cfg(train_env, tmp_path / "bad", cooldown=1.5)
 
 
 def test_a_part_takes_the_threads_the_other_process_leaves(train_env, tmp_path):

@@ -193,6 +193,10 @@ def test_lr_schedule_warms_up_then_holds_or_decays(train_env, tmp_path):
     factors = [decay.lr_factor(s) for s in range(10)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors[3:], factors[4:]))  # strictly decreasing after warm-up
+    # warm-up, stable, then a cool-down over the last decay_steps steps
+    wsd = TrainConfig(stage="2", lr=1e-3, steps=20, warmup=4, final_lr=0.0, decay_steps=5)
+    assert [wsd.lr_factor(s) for s in range(20)] == pytest.approx(
+        [0.25, 0.5, 0.75] + [1.0] * 12 + [0.8, 0.6, 0.4, 0.2, 0.0])
     cfg = _cfg(train_env, tmp_path / "decay", steps=4, warmup=1, final_lr=0.0, lr=1e-3,
                sample_prompts=0, sample_questions=0)
     trainer = Trainer(cfg, progress=False)
@@ -252,6 +256,8 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(lr=-1.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match=r"final_lr must be in \[0, 1\]"):
         TrainConfig(final_lr=1.5).validate(check_paths=False)
+    with pytest.raises(ConfigError, match=r"decay_steps must be >= 1"):
+        TrainConfig(decay_steps=0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="vision_lr must be positive"):
         TrainConfig(vision_lr=0.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="t_std must be positive"):

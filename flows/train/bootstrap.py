@@ -122,7 +122,7 @@ class Bootstrap:
             recon = F.mse_loss(vae.decode(z).sample, x)
             kl = dist.kl().mean() / dist.mean[0].numel()
             loss = recon + b.kl_weight * kl
-            self._update(opt, loss, i, b.vae_lr)
+            self._update(opt, loss, b.vae_lr * b.lr_factor(i, b.vae_steps))
             self._record(tracker, vae_loss=loss, vae_recon=recon, vae_kl=kl)
         vae.requires_grad_(False).eval()
         with torch.no_grad():
@@ -159,7 +159,7 @@ class Bootstrap:
                     out.vision_model_output.last_hidden_state, idx.tolist())
                 loss = contrastive + b.siglip_queries * query_loss
                 extra["siglip_query"] = query_loss
-            self._update(opt, loss, i, b.siglip_lr)
+            self._update(opt, loss, b.siglip_lr * b.lr_factor(i, b.siglip_steps))
             with torch.no_grad():  # retrieval among the batch's captions and the hard negatives
                 top1 = (out.logits_per_image.argmax(1).cpu() == torch.arange(len(idx))).float().mean()
             self._record(tracker, siglip_loss=contrastive, siglip_top1=top1, **extra)
@@ -189,7 +189,7 @@ class Bootstrap:
                 x = chunks[torch.randint(rows, (b.llm_batch,), generator=gen)].to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
                     loss = llm(input_ids=x, labels=x).loss
-                self._update(opt, loss, i, b.llm_lr)
+                self._update(opt, loss, b.llm_lr * b.lr_factor(i, b.llm_steps))
                 self._record(tracker, llm_loss=loss)
         finally:
             llm.set_attn_implementation("sdpa")
@@ -277,13 +277,13 @@ class Bootstrap:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=self.cfg.betas,
                                  weight_decay=self.cfg.weight_decay, fused=fused_adamw(self.device))
 
-    def _update(self, opt, loss: torch.Tensor, i: int, lr: float) -> None:
+    def _update(self, opt, loss: torch.Tensor, lr: float) -> None:
+        """One optimizer step at `lr` (the part's LR times its schedule's factor)."""
         if not torch.isfinite(loss):
             raise ValueError(f"bootstrap step {self.step + 1}: non-finite loss {float(loss)}; "
                              "stopped without saving this part")
-        warm = self.b.warmup
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (i + 1) / warm) if warm else lr
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],

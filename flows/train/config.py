@@ -54,6 +54,15 @@ class BootstrapConfig:
     llm_batch: int = 16
     llm_seq_len: int = 128
     warmup: int = 20
+    cooldown: float = 0.0      # the last fraction of each part's steps decays its LR linearly to 0 (0: constant)
+
+    def lr_factor(self, i: int, steps: int) -> float:
+        """LR multiplier of a part's step i (0-based) of `steps`: warm-up, constant, cool-down."""
+        warm = min(1.0, (i + 1) / self.warmup) if self.warmup else 1.0
+        span = round(self.cooldown * steps)
+        if span < 1:
+            return warm
+        return warm * min(1.0, (steps - i) / (span + 1))
 
     def model_config(self):
         """The preset's JanusFlowConfig with `model` merged in."""
@@ -85,6 +94,9 @@ class BootstrapConfig:
         if not self.siglip_query_kinds or set(self.siglip_query_kinds) - set(QUERY_KINDS):
             raise ConfigError(f"bootstrap.siglip_query_kinds must be a non-empty list of "
                               f"{', '.join(QUERY_KINDS)}, got {list(self.siglip_query_kinds)}")
+        if not 0.0 <= self.cooldown <= 1.0:
+            raise ConfigError(f"bootstrap.cooldown must be in [0, 1] (a fraction of each part's steps), "
+                              f"got {self.cooldown}")
         if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
                 or self.siglip_queries < 0 or self.llm_seq_len < 8 or self.warmup < 0):
             raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
@@ -102,6 +114,8 @@ class TrainConfig:
     warmup: int | None = None
     final_lr: float = 1.0          # LR at the last step as a fraction of lr, reached linearly after
                                    # the warm-up (1.0: constant, the paper's schedule)
+    decay_steps: int | None = None  # the decay to final_lr spans only the last N steps (constant before:
+                                   # warm-up, stable, cool-down); None: all the steps after the warm-up
     vision_lr: float | None = None  # SigLIP's own LR where the stage trains it (stage 3); None: lr.
                                    # Same warm-up and schedule as lr
     weight_decay: float = 0.0
@@ -164,13 +178,15 @@ class TrainConfig:
 
     def lr_factor(self, step: int) -> float:
         """The LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or a
-        linear decay to `final_lr` at the last step."""
+        linear decay to `final_lr` at the last step, over the last `decay_steps` steps when set."""
         warm = self.warmup_steps
         if step < warm:
             return (step + 1) / warm
-        peak = max(0, warm - 1)  # the step at full lr, from which the decay starts
-        span = max(1, self.steps - 1 - peak)
-        return 1.0 - (1.0 - self.final_lr) * min(1.0, (step - peak) / span)
+        start = max(0, warm - 1)  # the step at full lr, from which the decay starts
+        if self.decay_steps is not None:
+            start = max(start, self.steps - 1 - self.decay_steps)
+        span = max(1, self.steps - 1 - start)
+        return 1.0 - (1.0 - self.final_lr) * min(1.0, max(0, step - start) / span)
 
     def validate(self, *, check_paths: bool = True) -> "TrainConfig":
         if self.stage not in STAGES:
@@ -188,6 +204,8 @@ class TrainConfig:
             raise ConfigError(f"vision_lr must be positive, got {self.vision_lr}")
         if not 0.0 <= self.final_lr <= 1.0:
             raise ConfigError(f"final_lr must be in [0, 1] (a fraction of lr), got {self.final_lr}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"decay_steps must be >= 1 (or unset: decay over every step), got {self.decay_steps}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.ema < 1.0:
