@@ -150,11 +150,13 @@ def test_eval_every_writes_samples_during_the_run(train_env, tmp_path):
     assert grid.size[0] == 4 * 64  # 4 columns of 32 px images shown at 2x
 
 
-@pytest.mark.parametrize("option", ["activation_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
-def test_memory_and_speed_options_do_not_change_the_step(train_env, tmp_path, option):
+@pytest.mark.parametrize("options", [{"activation_checkpointing": True},
+                                     pytest.param({"compile": True}, marks=pytest.mark.slow),
+                                     pytest.param({"compile": True, "attention": "segments"}, marks=pytest.mark.slow)],
+                         ids=["activation_checkpointing", "compile", "compile_segments"])
+def test_memory_and_speed_options_do_not_change_the_step(train_env, tmp_path, options):
     plain = Trainer(_cfg(train_env, tmp_path / "plain", steps=2), progress=False).train_step()
-    other = Trainer(_cfg(train_env, tmp_path / option, steps=2, **{option: True}),
-                    progress=False).train_step()
+    other = Trainer(_cfg(train_env, tmp_path / "other", steps=2, **options), progress=False).train_step()
     for k in ("loss", "ar", "rf", "repa", "grad_norm"):
         assert other[k] == pytest.approx(plain[k], rel=1e-4, abs=1e-6), k
 
