@@ -321,8 +321,8 @@ def test_vae_trains_on_crops_first_then_whole_images(train_env, tmp_path):
 
 
 def test_each_part_cools_down_over_the_last_fraction_of_its_steps(train_env, tmp_path):
-    """`cooldown: f`: warm-up, constant LR, then a linear decay over the last f of a part's steps
-    (never to 0 on a step that still trains)."""
+    """`cooldown: f`: warm-up, constant LR, then a linear decay to 0 over the last f of a part's steps
+    (the stages' schedule, `lr_schedule`)."""
     cfg = _boot_cfg(train_env, tmp_path / "cool", llm_steps=8, llm_lr=1e-3, warmup=2, cooldown=0.25)
     boot = Bootstrap(cfg, progress=False)
     lrs, update = [], boot._update
@@ -330,7 +330,7 @@ def test_each_part_cools_down_over_the_last_fraction_of_its_steps(train_env, tmp
     boot.out.mkdir(parents=True)
     with open(boot.out / "metrics.jsonl", "w") as boot.log:
         boot.train_llm(None)
-    assert lrs == pytest.approx([5e-4] + [1e-3] * 5 + [2e-3 / 3, 1e-3 / 3])
+    assert lrs == pytest.approx([5e-4] + [1e-3] * 5 + [5e-4, 0.0])
     assert [BootstrapConfig(warmup=2).lr_factor(i, 8) for i in range(8)] == [0.5] + [1.0] * 7  # the default
     with pytest.raises(ConfigError, match=r"^bootstrap\.cooldown must be in \[0, 1\]"):
         _boot_cfg(train_env, tmp_path / "bad", cooldown=1.5)

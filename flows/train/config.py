@@ -22,6 +22,20 @@ ATTENTION = ("sdpa", "flex", "segments")
 QUERY_KINDS = ("shape", "colour", "count")  # the bootstrap's SigLIP object queries (flows/train/bootstrap.py)
 
 
+def lr_schedule(step: int, steps: int, warmup: int, *, final: float = 1.0,
+                decay_steps: int | None = None) -> float:
+    """LR multiplier of step `step` (0-based) of `steps`: a linear warm-up over `warmup` steps, then
+    constant (final 1.0) or a linear decay reaching `final` at the last step, spread over every step
+    after the warm-up or only the last `decay_steps` (warm-up, stable, cool-down)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    start = max(0, warmup - 1)  # the step at full lr, from which the decay starts
+    if decay_steps is not None:
+        start = max(start, steps - 1 - decay_steps)
+    span = max(1, steps - 1 - start)
+    return 1.0 - (1.0 - final) * min(1.0, max(0, step - start) / span)
+
+
 class ConfigError(ValueError):
     """A config a run cannot start from; the message names the field."""
 
@@ -57,12 +71,9 @@ class BootstrapConfig:
     cooldown: float = 0.0      # the last fraction of each part's steps decays its LR linearly to 0 (0: constant)
 
     def lr_factor(self, i: int, steps: int) -> float:
-        """LR multiplier of a part's step i (0-based) of `steps`: warm-up, constant, cool-down."""
-        warm = min(1.0, (i + 1) / self.warmup) if self.warmup else 1.0
+        """LR multiplier of a part's step i (0-based) of `steps`: warm-up, constant, cool-down to 0."""
         span = round(self.cooldown * steps)
-        if span < 1:
-            return warm
-        return warm * min(1.0, (steps - i) / (span + 1))
+        return lr_schedule(i, steps, self.warmup, final=0.0 if span else 1.0, decay_steps=span or None)
 
     def model_config(self):
         """The preset's JanusFlowConfig with `model` merged in."""
@@ -177,16 +188,8 @@ class TrainConfig:
         return min(self.ema, (1 + n) / (10 + n))
 
     def lr_factor(self, step: int) -> float:
-        """The LR multiplier of optimizer step `step` (0-based): linear warm-up, then constant or a
-        linear decay to `final_lr` at the last step, over the last `decay_steps` steps when set."""
-        warm = self.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        start = max(0, warm - 1)  # the step at full lr, from which the decay starts
-        if self.decay_steps is not None:
-            start = max(start, self.steps - 1 - self.decay_steps)
-        span = max(1, self.steps - 1 - start)
-        return 1.0 - (1.0 - self.final_lr) * min(1.0, max(0, step - start) / span)
+        """The LR multiplier of optimizer step `step` (0-based): see `lr_schedule`."""
+        return lr_schedule(step, self.steps, self.warmup_steps, final=self.final_lr, decay_steps=self.decay_steps)
 
     def validate(self, *, check_paths: bool = True) -> "TrainConfig":
         if self.stage not in STAGES:
