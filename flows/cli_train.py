@@ -22,8 +22,8 @@ def _train(args) -> None:
     from flows.train.config import load_config
 
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    cfg = load_config(args.config, stage=args.stage, init=args.init, corpus=args.corpus,
-                      out=args.out, steps=args.steps)
+    cfg = load_config(args.config, sets=args.set or [], stage=args.stage, init=args.init,
+                      corpus=args.corpus, out=args.out, steps=args.steps)
     if cfg.procs > 1 and cfg.stage != "bootstrap" and "WORLD_SIZE" not in os.environ:
         code = launch_processes(args, cfg.procs)
         if code:
@@ -59,6 +59,8 @@ def launch_processes(args, procs: int) -> int:
     for flag in ("stage", "init", "corpus", "out", "steps"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
+    for item in args.set or []:
+        argv += ["--set", item]
     argv += ["--resume"] * args.resume + ["--quiet"] * args.quiet
     threads = max(1, len(os.sched_getaffinity(0)) // procs)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
@@ -106,6 +108,9 @@ def add_train_command(sub) -> None:
     train.add_argument("--corpus", default=None)
     train.add_argument("--out", default=None)
     train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one config value, after the YAML and the flags above (repeatable; "
+                            "dotted keys reach into sections: --set lr=5e-4 --set data.mix.gen=70)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint under OUT/checkpoints")
     train.add_argument("--quiet", action="store_true")

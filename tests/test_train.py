@@ -285,6 +285,25 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         load_config(None, stage="4", init=str(train_env / "init"), corpus=str(train_env / "corpus"))
 
 
+def test_set_overrides_reach_into_sections_and_bad_ones_name_themselves(train_env, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"stage: 2\ninit: {train_env / 'init'}\ncorpus: {train_env / 'corpus'}\nlr: 1.0e-3\n"
+                    "data:\n  mix: {und: 45, gen: 50, text: 5}\n")
+    cfg = load_config(path, sets=["lr=5e-4", "data.mix.gen=70", "decay_steps=400", "betas=[0.9, 0.99]",
+                                  "bootstrap.siglip_steps=1800", "steps=7"], steps=3)
+    assert (cfg.lr, cfg.decay_steps, cfg.betas, cfg.steps) == (5e-4, 400, (0.9, 0.99), 7)
+    assert cfg.data["mix"] == {"und": 45, "gen": 70, "text": 5}
+    assert cfg.bootstrap.siglip_steps == 1800
+    for bad, message in [("lr", "expected KEY=VALUE"), ("=1", "expected KEY=VALUE"),
+                         ("data..mix=1", "expected KEY=VALUE"), ("lr.x=1", "lr is a value, not a section"),
+                         ("lr=[1", "the value is not YAML"), ("learning_rat=1", "unknown training config key"),
+                         ("steps=ten", "steps must be an integer")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, sets=[bad])
+    assert main(["train", "--config", str(path), "--set", "lr=-1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("janusflow: error: lr must be positive")
+
+
 def test_example_configs_parse():
     from pathlib import Path
 

@@ -16,12 +16,12 @@ from models.checkpoint import from_pretrained
 from test_train import _cfg, _losses
 
 
-def _train(cfg, tmp_path, launcher: list[str]) -> subprocess.CompletedProcess:
+def _train(cfg, tmp_path, launcher: list[str], *extra: str) -> subprocess.CompletedProcess:
     path = tmp_path / f"{cfg.parallel}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, *launcher, "-m", "flows.cli", "train", "--config", str(path),
-                           "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+                           "--quiet", *extra], env=env, capture_output=True, text=True, timeout=300)
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -40,10 +40,11 @@ def test_two_processes_match_one_with_the_same_global_batch(train_env, one_proce
     # ddp: `procs: 2` in the config, started as one plain process; fsdp: started by torchrun. Both
     # read the frozen encoders' outputs from a latent cache the two processes fill together (the
     # one-process run encodes them live)
+    # (ddp's config says 2 steps and `--set steps=3` overrides it: the launcher passes it on to both)
     procs = 2 if mode == "ddp" else 1
-    cfg = _cfg(train_env, tmp_path / mode, steps=3, grad_accum=1, save_every=3, parallel=mode, procs=procs,
-               latent_cache=str(tmp_path / "cache"))
-    done = _train(cfg, tmp_path, [] if procs > 1 else TORCHRUN)
+    cfg = _cfg(train_env, tmp_path / mode, steps=3 if procs == 1 else 2, grad_accum=1, save_every=3,
+               parallel=mode, procs=procs, latent_cache=str(tmp_path / "cache"))
+    done = _train(cfg, tmp_path, [] if procs > 1 else TORCHRUN, *(["--set", "steps=3"] if procs > 1 else []))
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _losses(one_process), _losses(tmp_path / mode)
     assert [r["step"] for r in b] == [1, 2, 3]

@@ -263,8 +263,10 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
 
 
-def load_config(path: str | Path | None, **overrides) -> TrainConfig:
-    """A config from YAML (or defaults) with CLI overrides applied, validated."""
+def load_config(path: str | Path | None, *, sets: list[str] = (), **overrides) -> TrainConfig:
+    """A config from YAML (or defaults) with CLI overrides applied, validated. `sets` are
+    `KEY=VALUE` strings (`--set`), applied last: a dotted key reaches into a section
+    (`data.mix.gen=70`, `bootstrap.siglip_steps=1800`) and the value is read as YAML."""
     import yaml
 
     data = {}
@@ -276,4 +278,26 @@ def load_config(path: str | Path | None, **overrides) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a training config is a mapping of keys to values")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    for item in sets:
+        apply_set(data, item)
     return TrainConfig.from_dict(data).validate()
+
+
+def apply_set(data: dict, item: str) -> None:
+    """Apply one `--set KEY=VALUE` to a config mapping in place (see `load_config`)."""
+    import yaml
+
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=5e-4 or --set data.mix.gen=70")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
+    *parents, last = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
+    node[last] = value
