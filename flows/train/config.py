@@ -288,13 +288,13 @@ def apply_set(data: dict, item: str) -> None:
     import yaml
 
     key, eq, text = item.partition("=")
-    if not eq or not key.strip() or any(not part for part in key.strip().split(".")):
+    *parents, last = key.strip().split(".")
+    if not eq or not all(parents + [last]):
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=5e-4 or --set data.mix.gen=70")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from None
-    *parents, last = key.strip().split(".")
     node = data
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
