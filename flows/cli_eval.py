@@ -81,7 +81,7 @@ def add_eval_commands(sub) -> None:
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     ev.add_argument("--dtype", default=None, choices=["fp32", "bf16", "auto"],
-                    help="fp32 (default), bf16, or auto: bf16 on a GPU or a CPU with AMX")
+                    help="fp32 (default), bf16, or auto: bf16 on a GPU or a CPU with AMX or AVX512-BF16")
     ev.add_argument("--parent-run", default=None, help="MLflow parent run id (default: $JANUSFLOW_PARENT_RUN_ID)")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     ev.set_defaults(func=cmd_eval)

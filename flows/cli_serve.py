@@ -101,7 +101,7 @@ def _served(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="onnxruntime: parallel session sets a batch's rows are split over, one "
                              "thread each by default (2 on a 2-core CPU: 1.1-1.3x the throughput)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
-                        help="torch backends: the weights' dtype (auto: bf16 on a CPU with AMX)")
+                        help="torch backends: the weights' dtype (auto: bf16 on a CPU with AMX or AVX512-BF16)")
     return parser
 
 

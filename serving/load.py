@@ -42,7 +42,7 @@ def load_sampler(source: str | Path, *, backend: str = "torch",
     """A Sampler over `source` with `backend` (torch backends load weights; onnxruntime and
     tensorrt need an export directory). `workers` > 1: that many onnxruntime session sets, a batch's
     rows split over them (serving/backends.py). `dtype`: the torch backends' weights, fp32, bf16 or
-    auto (bf16 on a CPU with AMX; models/precision.py); exported graphs keep their own precision."""
+    auto (bf16 on a CPU with AMX or AVX512-BF16; models/precision.py); exported graphs keep their own precision."""
     if workers != 1 and backend != "onnxruntime":
         raise ValueError(f"--workers {workers} runs parallel onnxruntime sessions: use --backend onnxruntime "
                          f"(not {backend})")

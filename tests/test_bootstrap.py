@@ -134,6 +134,50 @@ def test_sigmoid_loss_is_siglips_own_and_hard_negatives_only_add_negative_terms(
         float(-torch.nn.functional.logsigmoid(-extra).sum() / 4), rel=1e-6)
 
 
+def test_siglip_logits_are_siglipmodels_own_in_fp32_and_the_query_head_reads_its_token():
+    """The bootstrap runs SigLIP's towers itself (under autocast where `dtype` is bf16): its logits
+    equal SiglipModel.forward's; the query head's last block, which computes only the query token,
+    gives what the full block gives at that token."""
+    from transformers import SiglipConfig
+
+    from flows.train.bootstrap import QueryHead, siglip_logits
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = SiglipModel(SiglipConfig(text_config=dict(small, vocab_size=50, max_position_embeddings=8),
+                                     vision_config=dict(small, image_size=16, patch_size=8))).eval()
+    ids, pixels = torch.randint(50, (3, 8)), torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+        ours = siglip_logits(model, model.vision_model(pixel_values=pixels).pooler_output,
+                             model.text_model(input_ids=ids).pooler_output)
+    assert torch.allclose(ours, out.logits_per_image, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = siglip_logits(model, model.vision_model(pixel_values=pixels).pooler_output,
+                              model.text_model(input_ids=ids).pooler_output)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, out.logits_per_image, atol=0.5)
+
+    head = QueryHead(32, 4, 5, heads=2).eval()
+    feats, asks = torch.randn(3, 6, 32), torch.tensor([0, 3, 1])
+    x = torch.cat([head.query(asks)[:, None], feats], 1)
+    full = head.blocks[1](head.blocks[0](x))[:, 0]
+    assert torch.allclose(head(feats, asks), head.out(full), atol=1e-5)
+
+
+def test_captions_longer_than_the_text_tower_are_cut_and_counted(train_env, tmp_path, capsys):
+    boot = Bootstrap(_boot_cfg(train_env, tmp_path / "run", vae_steps=0, llm_steps=0, siglip_steps=1,
+                               siglip_text_len=8), progress=False)
+    boot.run()
+    _, captions, _ = boot._captioned_images()
+    long = sum(len(boot.processor.tokenizer.encode(c, add_special_tokens=False)) >= 8 for c in captions)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert long > 0 and [r["siglip_captions_cut"] for r in rows if "siglip_captions_cut" in r] == [long]
+    assert f"{long} of {len(captions)} captions are longer than bootstrap.siglip_text_len=8" in capsys.readouterr().out
+    assert SiglipModel.from_pretrained(str(tmp_path / "run" / "siglip")).config.text_config.max_position_embeddings == 8
+    with pytest.raises(ConfigError, match="siglip_text_len >= 8"):
+        TrainConfig.from_dict({"stage": "bootstrap", "bootstrap": {"siglip_text_len": 4}}).validate()
+
+
 def test_siglip_trains_with_hard_negative_captions(train_env, tmp_path):
     """siglip_negatives: 1 adds one counterfactual caption per image and step as a negative: the same
     seeds without them train different weights."""
@@ -367,24 +411,27 @@ def test_a_part_takes_the_threads_the_other_process_leaves(train_env, tmp_path):
     assert _read_threads(handover) == 2
 
 
-def test_bf16_trains_the_llm_part_in_autocast_and_only_it(train_env, tmp_path):
-    """`dtype: bf16`: the LLM part runs under bf16 autocast (its attention in fp32, the saved config
-    back on plain SDPA); SigLIP and the VAE, which lost quality in bf16, train exactly as in fp32."""
+def test_bf16_trains_siglip_and_the_llm_in_autocast_and_the_vae_in_fp32(train_env, tmp_path):
+    """`dtype: bf16`: SigLIP (its logits and losses in fp32) and the LLM part run under bf16 autocast,
+    attention in fp32 and the saved configs back on plain SDPA; the VAE, which lost quality in bf16,
+    trains exactly as in fp32."""
     def boot(dtype):
         out = tmp_path / dtype
-        cfg = _boot_cfg(train_env, out, vae_steps=2, siglip_steps=2, llm_steps=3)
+        cfg = _boot_cfg(train_env, out, vae_steps=2, siglip_steps=3, llm_steps=3, siglip_queries=1.0)
         cfg.dtype = dtype
         b = Bootstrap(cfg.validate(), progress=False)
         b.run()
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return b, {k: [r[k] for r in rows if k in r] for k in ("vae_loss", "siglip_loss", "llm_loss")}
+        return b, {k: [r[k] for r in rows if k in r] for k in ("vae_loss", "siglip_loss", "siglip_query", "llm_loss")}
 
     b32, fp32 = boot("fp32")
     b16, bf16 = boot("bf16")
     assert b16.dtype == "bf16" and b32.dtype == "fp32"
-    assert bf16["vae_loss"] == fp32["vae_loss"] and bf16["siglip_loss"] == fp32["siglip_loss"]
-    assert bf16["llm_loss"] != fp32["llm_loss"]
-    assert bf16["llm_loss"] == pytest.approx(fp32["llm_loss"], rel=0.05)
-    assert json.loads((tmp_path / "bf16" / "model" / "config.json").read_text())  # saved
+    assert bf16["vae_loss"] == fp32["vae_loss"]
+    for part in ("siglip_loss", "siglip_query", "llm_loss"):
+        assert bf16[part] != fp32[part], part
+        assert bf16[part] == pytest.approx(fp32[part], rel=0.05), part
     model, _ = from_pretrained(tmp_path / "bf16" / "model")
     assert model.llm.config._attn_implementation == "sdpa"
+    siglip = SiglipModel.from_pretrained(str(tmp_path / "bf16" / "siglip"))
+    assert siglip.config._attn_implementation == "sdpa" and siglip.text_model.config._attn_implementation == "sdpa"

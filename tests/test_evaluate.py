@@ -80,9 +80,9 @@ def test_eval_runs_in_bf16_and_refuses_a_device_it_cannot_use(train_env, tmp_pat
     bf16 = evaluate(train_env / "init", EvalConfig(**small, dtype="bf16"))
     assert bf16.keys() == fp32.keys() and bf16["images"] == fp32["images"] and "prompt_gain" in bf16
     assert np.isfinite(bf16["fd_fenc"]) and bf16["fd_fenc"] != fp32["fd_fenc"]  # bf16 really ran
-    from models.precision import cpu_has_amx  # auto: bf16 where the CPU has AMX, fp32 elsewhere
+    from models.precision import cpu_has_bf16_matmul  # auto: bf16 where the CPU has AMX or AVX512-BF16, fp32 elsewhere
     auto = evaluate(train_env / "init", EvalConfig(**small, dtype="auto"))
-    assert auto["fd_fenc"] == (bf16 if cpu_has_amx() else fp32)["fd_fenc"]
+    assert auto["fd_fenc"] == (bf16 if cpu_has_bf16_matmul() else fp32)["fd_fenc"]
     for bad, match in ((dict(dtype="fp16"), "eval.dtype"), (dict(device="tpu"), "eval.device"),
                        (dict(device="cuda:x"), "eval.device")):
         with pytest.raises(ValueError, match=match):

@@ -272,5 +272,5 @@ def test_attention_and_depthwise_convs_stay_fp32_under_cpu_autocast(monkeypatch)
     assert resolve_dtype("fp32", "cpu") == "fp32" and resolve_dtype("bf16", "cpu") == "bf16"
     import models.precision as precision
     for amx, expect in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(precision, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda amx=amx: amx)
         assert precision.resolve_dtype("auto", "cpu") == expect

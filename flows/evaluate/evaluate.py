@@ -52,7 +52,7 @@ class EvalConfig:
     prompt_gain: int = 128       # held-out generation pairs for prompt_gain (0: skip it)
     device: str = "cpu"          # where the model runs: cpu, cuda, cuda:N
     dtype: str = "fp32"          # the model's weights and activations: fp32, bf16, or auto (bf16 on a
-                                 # GPU or a CPU with AMX, where it is the faster one; models/precision.py)
+                                 # GPU or a CPU with AMX or AVX512-BF16, where it is the faster one; models/precision.py)
 
     def validate(self) -> "EvalConfig":
         if self.images_per_prompt < 1 or self.steps < 1 or self.batch < 1:

@@ -39,7 +39,7 @@ from flows.train.tracking import Tracker
 from models import attention as packed_attention
 from models.checkpoint import save_pretrained
 from models.janusflow import JanusFlow, siglip_config
-from models.precision import resolve_dtype
+from models.precision import fp32_on_cpu, resolve_dtype
 from models.processor import JanusFlowProcessor
 from models.tokenizer import IMAGE
 
@@ -140,29 +140,44 @@ class Bootstrap:
         siglip.train()
         length = siglip.config.text_config.max_position_embeddings
         ids = self._tokens(captions, length)
+        tok = self.processor.tokenizer
+        cut = sum(len(tok.encode(c, add_special_tokens=False)) >= length for c in captions)
+        if cut:
+            self._record(tracker, siglip_captions_cut=cut)
+            tqdm.write(f"bootstrap siglip: {cut} of {len(captions)} captions are longer than "
+                       f"bootstrap.siglip_text_len={length} tokens and were cut")
         negatives = NegativeCaptions(scenes, b.siglip_negatives, seed=self.cfg.seed + 1)
         queries = ObjectQueries(scenes, siglip.config.vision_config, seed=self.cfg.seed + 3,
                                 kinds=b.siglip_query_kinds) if b.siglip_queries else None
         head = [] if queries is None else list(queries.head.to(self.device).parameters())
         opt = self._optimizer(list(siglip.parameters()) + head, b.siglip_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        for i in self._steps("siglip", b.siglip_steps):
-            idx = torch.randperm(len(images), generator=gen)[: b.siglip_batch]
-            texts, hard = ids[idx], negatives.for_batch(idx.tolist())
-            if hard:
-                texts = torch.cat([texts, self._tokens(hard, length)])
-            out = siglip(input_ids=texts.to(self.device), pixel_values=images[idx].to(self.device))
-            contrastive = loss = sigmoid_loss(out.logits_per_image)
-            extra = {}
-            if queries is not None:
-                query_loss, extra["siglip_query_acc"] = queries.loss(
-                    out.vision_model_output.last_hidden_state, idx.tolist())
-                loss = contrastive + b.siglip_queries * query_loss
-                extra["siglip_query"] = query_loss
-            self._update(opt, loss, b.siglip_lr * b.lr_factor(i, b.siglip_steps))
-            with torch.no_grad():  # retrieval among the batch's captions and the hard negatives
-                top1 = (out.logits_per_image.argmax(1).cpu() == torch.arange(len(idx))).float().mean()
-            self._record(tracker, siglip_loss=contrastive, siglip_top1=top1, **extra)
+        # bf16 autocast (`dtype`) for the towers and the query head; attention, the logits and the
+        # losses in fp32 (models/precision.py: the CPU's bf16 attention backward is ~5x slower)
+        siglip.set_attn_implementation(packed_attention.register())
+        try:
+            for i in self._steps("siglip", b.siglip_steps):
+                idx = torch.randperm(len(images), generator=gen)[: b.siglip_batch]
+                texts, hard = ids[idx], negatives.for_batch(idx.tolist())
+                if hard:
+                    texts = torch.cat([texts, self._tokens(hard, length)])
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+                    vision = siglip.vision_model(pixel_values=images[idx].to(self.device))
+                    text = siglip.text_model(input_ids=texts.to(self.device))
+                    if queries is not None:
+                        query_loss, query_acc = queries.loss(vision.last_hidden_state, idx.tolist())
+                logits = siglip_logits(siglip, vision.pooler_output, text.pooler_output)
+                contrastive = loss = sigmoid_loss(logits)
+                extra = {}
+                if queries is not None:
+                    loss = contrastive + b.siglip_queries * query_loss
+                    extra = {"siglip_query": query_loss, "siglip_query_acc": query_acc}
+                self._update(opt, loss, b.siglip_lr * b.lr_factor(i, b.siglip_steps))
+                with torch.no_grad():  # retrieval among the batch's captions and the hard negatives
+                    top1 = (logits.argmax(1).cpu() == torch.arange(len(idx))).float().mean()
+                self._record(tracker, siglip_loss=contrastive, siglip_top1=top1, **extra)
+        finally:
+            siglip.set_attn_implementation("sdpa")
         siglip.eval()
         own = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
         self.model.vision.load_state_dict(own)
@@ -180,9 +195,9 @@ class Bootstrap:
         llm.train()
         opt = self._optimizer(llm.parameters(), b.llm_lr)
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        # bf16 autocast (`dtype`) for the LLM only, its attention kept in fp32 as in the stages
-        # (models/precision.py); SigLIP's sigmoid loss and the VAE's reconstructions lost quality in
-        # bf16 (in-batch retrieval 0.66 -> 0.32, MSE 0.0016 -> 0.0020), so those two stay fp32
+        # bf16 autocast (`dtype`) for the LLM as for SigLIP, its attention kept in fp32 as in the stages
+        # (models/precision.py); the VAE stays fp32 (its reconstructions lost quality in bf16: MSE
+        # 0.0016 -> 0.0020)
         llm.set_attn_implementation(packed_attention.register())
         try:
             for i in self._steps("llm", b.llm_steps):
@@ -260,7 +275,8 @@ class Bootstrap:
         v = self.model.config.vision
         text = dict(vocab_size=len(self.processor), hidden_size=v.hidden_size,
                     intermediate_size=v.intermediate_size, num_hidden_layers=self.b.siglip_text_layers,
-                    num_attention_heads=v.num_attention_heads, max_position_embeddings=64,
+                    num_attention_heads=v.num_attention_heads,
+                    max_position_embeddings=self.b.siglip_text_len,
                     pad_token_id=self.processor.pad_id, bos_token_id=self.processor.bos_id,
                     eos_token_id=self.processor.eos_id,
                     projection_size=v.hidden_size)
@@ -372,6 +388,13 @@ def sigmoid_loss(logits: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
+def siglip_logits(siglip: SiglipModel, image_BD: torch.Tensor, text_TD: torch.Tensor) -> torch.Tensor:
+    """(B, T) image-text logits as SiglipModel.forward computes them, in fp32 whatever the towers ran in."""
+    image = F.normalize(image_BD.float(), dim=-1)
+    text = F.normalize(text_TD.float(), dim=-1)
+    return image @ text.t() * siglip.logit_scale.exp() + siglip.logit_bias
+
+
 class NegativeCaptions:
     """`per_image` counterfactual captions per image and step: the caption of the image's scene with
     one object's shape or colour changed (data/shapes/text.py). Images without a scene get none.
@@ -456,17 +479,41 @@ class ObjectQueries:
 
 
 class QueryHead(torch.nn.Module):
+    """A query token (the question) prepended to the patch features, `layers` pre-norm transformer
+    blocks, and a linear answer layer on the query token. The last block computes only that token."""
+
     def __init__(self, d: int, queries: int, answers: int, *, heads: int, layers: int = 2):
         super().__init__()
         self.query = torch.nn.Embedding(queries, d)
-        layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
-                                                 norm_first=True)
-        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.blocks = torch.nn.ModuleList(QueryBlock(d, heads) for _ in range(layers))
         self.out = torch.nn.Linear(d, answers)
 
     def forward(self, features_BND: torch.Tensor, query_B: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.query(query_B)[:, None], features_BND], dim=1)
-        return self.out(self.blocks(x)[:, 0])
+        x = torch.cat([self.query(query_B)[:, None].to(features_BND.dtype), features_BND], dim=1)
+        for k, block in enumerate(self.blocks):
+            x = block(x, first_only=k == len(self.blocks) - 1)
+        return self.out(x[:, 0])
+
+
+class QueryBlock(torch.nn.Module):
+    """Pre-norm self-attention (fp32 under a CPU's autocast) and GELU MLP."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+
+    def forward(self, x_BTD: torch.Tensor, *, first_only: bool = False) -> torch.Tensor:
+        b, t, d = x_BTD.shape
+        q, k, v = self.qkv(self.norm1(x_BTD)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if first_only:  # only the query token's row is read afterwards
+            q, x_BTD = q[:, :, :1], x_BTD[:, :1]
+        a = fp32_on_cpu(F.scaled_dot_product_attention, q, k, v)
+        x = x_BTD + self.proj(a.transpose(1, 2).reshape(b, -1, d).to(x_BTD.dtype))
+        return x + self.mlp(self.norm2(x))
 
 
 def siglip_text_ids(tokenizer, texts: list[str], length: int, *, eos_id: int, pad_id: int) -> torch.Tensor:

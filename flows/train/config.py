@@ -57,6 +57,7 @@ class BootstrapConfig:
     siglip_lr: float = 4e-4  # 1e-3 never leaves the plateau on the shapes world
     siglip_batch: int = 64
     siglip_text_layers: int = 2
+    siglip_text_len: int = 32  # text-tower positions; captions are cut to fit (the shapes world's: <= 29 tokens)
     siglip_negatives: int = 0  # counterfactual captions per image and step (a shape or colour changed)
     siglip_queries: float = 0.0  # weight of the object-query loss: a small head reads, from the patch
                                  # features, the shape of the object of a colour named in the query
@@ -109,8 +110,9 @@ class BootstrapConfig:
             raise ConfigError(f"bootstrap.cooldown must be in [0, 1] (a fraction of each part's steps), "
                               f"got {self.cooldown}")
         if (self.kl_weight < 0 or self.siglip_text_layers < 1 or self.siglip_negatives < 0
-                or self.siglip_queries < 0 or self.llm_seq_len < 8 or self.warmup < 0):
-            raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, "
+                or self.siglip_queries < 0 or self.llm_seq_len < 8 or self.warmup < 0
+                or self.siglip_text_len < 8):
+            raise ConfigError("bootstrap.kl_weight must be >= 0, siglip_text_layers >= 1, siglip_text_len >= 8, "
                               "siglip_negatives >= 0, siglip_queries >= 0, llm_seq_len >= 8, warmup >= 0")
 
 
@@ -149,7 +151,7 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "fp32"            # autocast: fp32, bf16, or auto (bf16 on a GPU or a CPU with AMX,
+    dtype: str = "fp32"            # autocast: fp32, bf16, or auto (bf16 on a GPU or a CPU with AMX or AVX512-BF16,
                                    # where it is faster; fp32 elsewhere); the weights stay fp32
     repa_weight: float = 1.0
     parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
