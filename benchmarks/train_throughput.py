@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,
-                        help="autocast dtype (auto: bf16 on a GPU or a CPU with AMX, else fp32)")
+                        help="autocast dtype (auto: bf16 on a GPU or a CPU with AMX or AVX512-BF16, else fp32)")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per stage")
