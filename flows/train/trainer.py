@@ -256,6 +256,9 @@ class Trainer:
         for b in range(len(T_BINS) - 1):
             values = rf_bins.get(b, [])
             sums[f"rf_bin{b}"], sums[f"n_rf_bin{b}"] = sum(values), len(values)
+        for k in ("loss", "ar", "rf", "repa"):  # a rank whose rows hold no sample of a kind has no such
+            sums.setdefault(k, 0.0)              # term: every rank sums the same keys, or the
+            sums.setdefault(f"n_{k}", 0.0)       # all-reduce below mismatches across processes
         keys = sorted(sums)
         sums = dict(zip(keys, world.sum([sums[k] for k in keys])))
         elapsed = time.perf_counter() - start
