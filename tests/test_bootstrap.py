@@ -120,7 +120,7 @@ def test_a_failing_second_process_fails_the_bootstrap_in_one_line(train_env, tmp
 
 
 def test_sigmoid_loss_is_siglips_own_and_hard_negatives_only_add_negative_terms():
-    from flows.train.bootstrap import sigmoid_loss
+    from flows.train.siglip_losses import sigmoid_loss
 
     torch.manual_seed(0)
     logits = torch.randn(4, 4) * 3
@@ -140,7 +140,7 @@ def test_siglip_logits_are_siglipmodels_own_in_fp32_and_the_query_head_reads_its
     gives what the full block gives at that token."""
     from transformers import SiglipConfig
 
-    from flows.train.bootstrap import QueryHead, siglip_logits
+    from flows.train.siglip_losses import QueryHead, siglip_logits
 
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -181,7 +181,7 @@ def test_captions_longer_than_the_text_tower_are_cut_and_counted(train_env, tmp_
 def test_siglip_trains_with_hard_negative_captions(train_env, tmp_path):
     """siglip_negatives: 1 adds one counterfactual caption per image and step as a negative: the same
     seeds without them train different weights."""
-    from flows.train.bootstrap import NegativeCaptions
+    from flows.train.siglip_losses import NegativeCaptions
 
     trained = {}
     for n in (0, 1):
@@ -202,7 +202,7 @@ def test_siglip_learns_from_object_queries(train_env, tmp_path):
     """siglip_queries: a head asks the shape of an object named by its (unique) colour; SigLIP's
     vision tower learns from it, the head is not saved, and the metrics record it."""
     from data.shapes.world import COLOURS, SHAPES
-    from flows.train.bootstrap import ObjectQueries
+    from flows.train.siglip_losses import ObjectQueries
 
     trained = {}
     for w in (0.0, 1.0):
@@ -322,7 +322,7 @@ def test_clip_score_reads_the_bootstrap_siglip_with_its_training_tokens(booted, 
     from transformers import AutoTokenizer, SiglipModel
 
     from flows.evaluate.evaluate import clip_score
-    from flows.train.bootstrap import siglip_text_ids
+    from flows.train.siglip_losses import siglip_text_ids
     from models.processor import pil_to_tensor
 
     out = booted[0]

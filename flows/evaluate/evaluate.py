@@ -204,7 +204,7 @@ def clip_score(clip_dir: str | Path, images: list[Image.Image], prompts: list[st
     """Mean cosine similarity of SigLIP image and text embeddings (higher: prompts followed)."""
     from transformers import AutoTokenizer, SiglipModel
 
-    from flows.train.bootstrap import siglip_text_ids
+    from flows.train.siglip_losses import siglip_text_ids
 
     path = Path(clip_dir)
     if not (path / "config.json").is_file():
