@@ -15,7 +15,7 @@
 # 6. sampler_compile: the sampler with the torch.compile backend (on 2026-11-30 its whole-graph
 #    compile had not finished after 210 s on an H200);
 # 7. shapes: benchmarks/shapes_scale.py, the shapes world's recipe at 10x its steps (bootstrap 3x)
-#    with GenEval-shapes / VQA after 800, 2400 and 8000 stage-2 steps (issue 5's gates); no new
+#    with GenEval-shapes / VQA after 1600, 4800 and 16,000 stage-2 steps (issue 5's gates); no new
 #    stage-2 chunk starts in its last 150 s, so the points measured by then come back.
 # ONLY="train train_flex" runs just the steps named (matmul, sampler, train, train_flex, flex_check,
 # train_compile, sampler_compile, shapes); unset, steps 1-4 run (9 minutes at most).
