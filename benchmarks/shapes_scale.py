@@ -10,13 +10,13 @@ budget (docs/experiments.md: GenEval-shapes climbs ~0.03 per 1000 stage-2 steps 
 2000, so the 0.6 gate lies near 14,000); this measures whether the recipe reaches them with 10x the
 steps. `--set STAGE:KEY=VALUE` changes one stage's config before the scaling (any `janusflow train
 --set`, e.g. `--set 'stage2:data.mix={und: 25, gen: 70, text: 5}'`: the shapes stage 2 is
-understanding-heavy for the CPU's 1600 steps, while the paper's is generation-heavy). Bootstrap, stage 1 and stage 3 run at `--scale`
-times their configured steps (the bootstrap at `--bootstrap-scale`, default the same). Stage 2 runs
-in chunks ending at `--points` multiples of its configured steps (1,3,10: 1600, 4800 and 16,000
-steps; `--scale` does not apply to it); each chunk starts from the previous chunk's EMA model, so its LR
-warm-up and EMA restart, as the continued runs of docs/experiments.md did. After each chunk and
-after stage 3, `evaluate` (what `janusflow eval` runs) scores the model with params.yaml's `eval:`
-settings on the chosen device.
+understanding-heavy for the CPU's 1600 steps, while the paper's is generation-heavy). Bootstrap,
+stage 1 and stage 3 run at `--scale` times their configured steps (the bootstrap at
+`--bootstrap-scale`, default the same). Stage 2 runs in chunks ending at `--points` multiples of its
+configured steps (1,3,10: 1600, 4800 and 16,000 steps; `--scale` does not apply to it); each chunk
+starts from the previous chunk's EMA model, so its LR warm-up and EMA restart, as the continued
+runs of docs/experiments.md did. After each chunk and after stage 3, `evaluate` (what `janusflow
+eval` runs) scores the model with params.yaml's `eval:` settings on the chosen device.
 
 Writes OUT/shapes_scale.json and .md after every evaluation, so a run stopped by `--budget-s` (no
 new chunk starts past it) or by a time limit keeps what it measured. Tracking goes to a sqlite file
@@ -183,9 +183,9 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
+    sets = "".join(f"; --set {item}" for item in r.get("sets", []))
     head = (f"Shapes recipe at {r['scale']}x, {r['device']}, {r['dtype']}, {r['date']} (eval: "
-            f"{r['eval']['images_per_prompt']} images per prompt"
-            + "".join(f"; --set {item}" for item in r.get("sets", [])) + ")\n\n"
+            f"{r['eval']['images_per_prompt']} images per prompt{sets})\n\n"
             "| model | steps | GenEval-shapes | held-out VQA | unseen VQA | shape questions | prompt_gain | elapsed s |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = [f"| {p['label']} | {p['steps']} | {p.get('geneval_overall', '-')} | {p.get('vqa_accuracy', '-')} | "
