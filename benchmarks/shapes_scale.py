@@ -72,6 +72,15 @@ def scaled(steps: int, scale: float) -> int:
     return max(1, round(steps * scale))
 
 
+def scale_bootstrap(part: dict, scale: float) -> None:
+    """The bootstrap section's step counts at `scale`, in place; the VAE's crop steps keep their share
+    of its steps (unscaled, the 1000 of the shapes config outnumber a small run's VAE steps)."""
+    for key in ("vae_steps", "siglip_steps", "llm_steps"):
+        part[key] = scaled(part[key], scale)
+    if part.get("vae_crop_steps"):
+        part["vae_crop_steps"] = min(part["vae_steps"], round(part["vae_crop_steps"] * scale))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -157,8 +166,7 @@ def main() -> None:
 
     b_scale = args.scale if args.bootstrap_scale is None else args.bootstrap_scale
     boot = stage_config("bootstrap", args.sets, out=str(out / "bootstrap"), **common)
-    for key in ("vae_steps", "siglip_steps", "llm_steps"):
-        boot["bootstrap"][key] = scaled(boot["bootstrap"][key], b_scale)
+    scale_bootstrap(boot["bootstrap"], b_scale)
     model = train("bootstrap", boot)
     s1 = stage_config("stage1", args.sets, **common)
     model = train("stage 1", {**s1, "init": str(model), "out": str(out / "stage1"),

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from shapes_scale import stage_config  # noqa: E402
+from shapes_scale import scale_bootstrap, stage_config  # noqa: E402
 
 from flows.train.config import TrainConfig  # noqa: E402
 
@@ -42,3 +42,13 @@ def test_the_benchmark_stops_on_a_bad_set_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("--set 'steps=3': expected STAGE:KEY=VALUE")
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("scale", [0.02, 3.0])
+def test_the_scaled_bootstrap_keeps_the_vae_crop_share_and_validates(scale, tmp_path):
+    boot = stage_config("bootstrap", corpus=str(tmp_path))
+    vae, crop = boot["bootstrap"]["vae_steps"], boot["bootstrap"]["vae_crop_steps"]
+    scale_bootstrap(boot["bootstrap"], scale)
+    assert boot["bootstrap"]["vae_steps"] == round(vae * scale)
+    assert boot["bootstrap"]["vae_crop_steps"] == round(crop * scale) <= boot["bootstrap"]["vae_steps"]
+    TrainConfig.from_dict(boot).bootstrap.validate()  # 1000 unscaled crop steps failed here at 0.02
