@@ -71,8 +71,8 @@ def test_resume_skips_finished_parts(booted, train_env):
 
 
 def test_two_processes_train_the_same_parts(booted, train_env, tmp_path):
-    """procs: 2 trains the VAE in a spawned process: the same weights, scaling, metrics rows and
-    MLflow history as the one-process run (up to the threads' summation order)."""
+    """procs: 2 trains the VAE and then the LLM in a spawned process: the same weights, scaling,
+    metrics rows and MLflow history as the one-process run (up to the threads' summation order)."""
     one, fresh, _ = booted
     out = tmp_path / "two"
     boot = Bootstrap(_boot_cfg(train_env, out, procs=2), progress=False)
@@ -85,11 +85,11 @@ def test_two_processes_train_the_same_parts(booted, train_env, tmp_path):
         moved = float((p.detach() - fresh[name]).abs().max())  # so compare with how far training moved
         if moved > 1e-4:  # (not e.g. attention key biases, whose gradient is zero up to rounding)
             assert float((p - pb[name]).detach().abs().max()) <= 0.02 * moved, name
-            compared += name.startswith("vae.")
-    assert compared > 20
+            compared += name.startswith(("vae.", "llm."))
+    assert compared > 30
     assert b.config.vae.scaling_factor == pytest.approx(a.config.vae.scaling_factor, rel=1e-5)
     both = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, out)]
-    key = lambda r: (r["step"], sorted(r))  # noqa: E731 - the VAE's rows come last with two processes
+    key = lambda r: (r["step"], sorted(r))  # noqa: E731 - the second process's rows come last
     seq, par = (sorted(r, key=key) for r in both)
     assert [key(r) for r in seq] == [key(r) for r in par]
     for x, y in zip(seq, par):
@@ -99,8 +99,9 @@ def test_two_processes_train_the_same_parts(booted, train_env, tmp_path):
     run_id = json.loads((out / "parts" / "meta.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "vae_loss")] == [1, 2, 3, 4]
     assert min(m.step for m in client.get_metric_history(run_id, "siglip_loss")) == 5
+    assert [m.step for m in client.get_metric_history(run_id, "llm_loss")] == list(range(9, 21))
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert not (out / "parts" / "vae.threads").exists()  # the hand-over of the first process's threads
+    assert not (out / "parts" / "side.threads").exists()  # the hand-over of the first process's threads
     # Run to run the two-process bootstrap is exact, whenever the hand-over of the threads happens:
     # the same bytes, so a DVC rerun reproduces its outputs (on the same machine and torch build).
     again = tmp_path / "again"
@@ -117,6 +118,23 @@ def test_a_failing_second_process_fails_the_bootstrap_in_one_line(train_env, tmp
                                          r"step \d+: non-finite loss"):
         boot.run()
     assert not (tmp_path / "nan" / "parts" / "vae.safetensors").exists()
+
+
+def test_the_second_processs_llm_fails_after_its_vae_is_saved_and_resume_trains_only_the_llm(train_env, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^bootstrap llm \(second process\) failed: ValueError: bootstrap "
+                                         r"step (9|1\d|20): non-finite loss"):
+        Bootstrap(_boot_cfg(train_env, out, procs=2, llm_lr=1e30), progress=False).run()
+    parts = out / "parts"
+    assert (parts / "vae.safetensors").is_file() and (parts / "siglip.safetensors").is_file()
+    assert not (parts / "llm.safetensors").exists()
+    vae = (parts / "vae.safetensors").read_bytes()
+    boot = Bootstrap(_boot_cfg(train_env, out, procs=2), resume=True, progress=False)
+    boot.run()
+    assert (parts / "vae.safetensors").read_bytes() == vae  # loaded, not trained again
+    rows = [json.loads(line) for line in (parts / "side.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(9, 21)) and all("llm_loss" in r for r in rows)
+    assert from_pretrained(out / "model")[0].config.vae.scaling_factor == boot.model.config.vae.scaling_factor
 
 
 def test_sigmoid_loss_is_siglips_own_and_hard_negatives_only_add_negative_terms():
@@ -403,7 +421,7 @@ def test_a_part_takes_the_threads_the_other_process_leaves(train_env, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 1, 3, 3, 3] and len(checks) == 3 and boot.freed_threads is None
-    handover = tmp_path / "vae.threads"
+    handover = tmp_path / "side.threads"
     assert _read_threads(handover) == 0  # not written yet
     handover.write_text("")
     assert _read_threads(handover) == 0  # caught half-written

@@ -12,8 +12,8 @@ Three parts, each a short loop of its own:
 
 Each finished part is saved under OUT/parts; `--resume` skips the parts already done (a part is a
 few minutes on CPU, so the unit of loss on a crash is the part in progress). With `procs: 2` the VAE
-trains in a second process alongside the other two, and whichever process finishes first leaves its
-core to the other (flows/train/bootstrap_side.py).
+and then the LLM train in a second process while this one trains SigLIP, and whichever process
+finishes first leaves its core to the other (flows/train/bootstrap_side.py).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from models.precision import resolve_dtype
 from models.processor import JanusFlowProcessor
 from models.tokenizer import IMAGE
 
-PARTS = ("vae", "siglip", "llm")
-SIDE_PART = "vae"  # with procs: 2 the VAE (the longest part) trains in a second process
+PARTS = ("vae", "siglip", "llm")  # the order of one process, and of the step counter in either
+# With procs: 2 these train one after the other in a second process, SigLIP in the first: the shapes
+# SigLIP (~300 s on one thread) is about as long as the VAE and the LLM together (~210 + ~70 s).
+SIDE_PARTS = ("vae", "llm")
 
 
 class Bootstrap:
@@ -84,17 +86,20 @@ class Bootstrap:
         self.log = open(self.out / "metrics.jsonl", "a")
         side = None
         try:
-            if self.cfg.procs == 2 and not (self.resume and self._part_file(SIDE_PART).is_file()):
-                side = SidePart(self, SIDE_PART)
+            if self.cfg.procs == 2:
+                todo = [p for p in SIDE_PARTS if not (self.resume and self._part_file(p).is_file())]
+                side = SidePart(self, todo) if todo else None
             for part in PARTS:
-                if side is not None and part == side.part:
+                if side is not None and part in side.parts:
                     continue
                 if self.resume and self._load_part(part):
                     continue
+                self.step = self.first_step(part)
                 getattr(self, f"train_{part}")(tracker)
                 self._save_part(part)
             if side is not None:
                 side.join(tracker)
+            self.step = self.first_step(None)
             self.model.eval()
             model_dir = save_pretrained(self.model, self.processor, self.out / "model")
             tracker.finish(self.out, status="FINISHED")
@@ -106,6 +111,12 @@ class Bootstrap:
             if side is not None:
                 side.stop()
             self.log.close()
+
+    def first_step(self, part: str | None) -> int:
+        """Where `part`'s steps start on the one step counter (PARTS' order, whichever process
+        trains it); None: the end of the last part."""
+        before = PARTS[:PARTS.index(part)] if part is not None else PARTS
+        return sum(getattr(self.b, f"{p}_steps") for p in before)
 
     # -- parts --------------------------------------------------------------------------------------
     def train_vae(self, tracker: Tracker) -> None:

@@ -1,16 +1,17 @@
-"""One bootstrap part in a second process (`procs: 2` in a bootstrap config).
+"""Bootstrap parts in a second process (`procs: 2` in a bootstrap config).
 
 The three parts are independent until the model is assembled, and on a 2-core CPU two processes
-with one thread each do more work than one process with two threads (PyTorch splits the VAE's small
-convolutions poorly). So the VAE, the longest part, trains in a spawned process while this one
-trains SigLIP and the LLM. The second process writes its metrics to OUT/parts/vae.metrics.jsonl and
-its weights through the same atomic part file as always; this process waits for it with a progress
-bar, loads the part, and logs its metrics to metrics.jsonl and MLflow under the steps the
-sequential run would have given them. Nothing else changes: the part starts from the same
-initialisation and draws from the same seeded generators as it does in one process.
+with one thread each do more work than one process with two threads (PyTorch splits the small
+convolutions and matmuls of these models poorly). So the VAE and then the LLM train in a spawned
+process while this one trains SigLIP, the longest part. The second process writes its metrics to
+OUT/parts/side.metrics.jsonl, under the steps the one-process run gives them (Bootstrap.first_step),
+and its weights through the same atomic part files as always; this process waits for it with a
+progress bar, loads the parts, and logs the metrics to metrics.jsonl and MLflow. Nothing else
+changes: each part starts from the same initialisation and draws from the same seeded generators as
+it does in one process.
 
 Whichever process finishes first leaves its core to the other: the first process checks at every
-step whether the second has exited, and the second whether OUT/parts/<part>.threads (written by the
+step whether the second has exited, and the second whether OUT/parts/side.threads (written by the
 first when it starts waiting) exists; either then takes all the threads. Only the summation order of
 the later steps changes.
 """
@@ -27,23 +28,26 @@ import torch
 from tqdm import tqdm
 
 
-def _train_alone(cfg_dict: dict, part: str, threads: int) -> None:
-    """The second process: build the same Bootstrap, train `part`, save it. Errors go to a file
-    the first process turns into its one-line message."""
+def _train_alone(cfg_dict: dict, parts: list[str], threads: int) -> None:
+    """The second process: build the same Bootstrap, train `parts` in order, save each. Errors go
+    to a file the first process turns into its one-line message."""
     from flows.train.bootstrap import Bootstrap
     from flows.train.config import TrainConfig
 
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
-    parts = Path(cfg.out) / "parts"
+    out = Path(cfg.out) / "parts"
+    part = parts[0]
     try:
         boot = Bootstrap(cfg, progress=False)
-        boot.freed_threads = lambda: _read_threads(parts / f"{part}.threads")
-        with open(parts / f"{part}.metrics.jsonl", "w") as boot.log:
-            getattr(boot, f"train_{part}")(None)
-        boot._save_part(part)
+        boot.freed_threads = lambda: _read_threads(out / "side.threads")
+        with open(out / "side.metrics.jsonl", "w") as boot.log:
+            for part in parts:
+                boot.step = boot.first_step(part)
+                getattr(boot, f"train_{part}")(None)
+                boot._save_part(part)
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the first process
-        (parts / f"{part}.error").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        (out / "side.error").write_text(f"{part}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise SystemExit(1)
 
 
@@ -55,34 +59,33 @@ def _read_threads(path: Path) -> int:
 
 
 class SidePart:
-    """`part` of `boot` training in a spawned process from construction until join()."""
+    """`parts` of `boot` training in a spawned process from construction until join()."""
 
-    def __init__(self, boot, part: str):
-        self.boot, self.part = boot, part
-        self.steps = getattr(boot.b, f"{part}_steps")
-        self.metrics = boot.parts_dir / f"{part}.metrics.jsonl"
-        self.error = boot.parts_dir / f"{part}.error"
-        self.handover = boot.parts_dir / f"{part}.threads"
+    def __init__(self, boot, parts: list[str]):
+        self.boot, self.parts = boot, list(parts)
+        self.steps = sum(getattr(boot.b, f"{p}_steps") for p in self.parts)
+        self.metrics = boot.parts_dir / "side.metrics.jsonl"
+        self.error = boot.parts_dir / "side.error"
+        self.handover = boot.parts_dir / "side.threads"
         for stale in (self.metrics, self.error, self.handover):
             stale.unlink(missing_ok=True)
         self.threads = torch.get_num_threads()
         side_threads = max(1, self.threads // 2)
         self.proc = mp.get_context("spawn").Process(
-            target=_train_alone, args=(boot.cfg.to_dict(), part, side_threads), daemon=True,
-            name=f"janusflow-bootstrap-{part}")
+            target=_train_alone, args=(boot.cfg.to_dict(), self.parts, side_threads), daemon=True,
+            name="janusflow-bootstrap-" + "-".join(self.parts))
         self.proc.start()
         torch.set_num_threads(max(1, self.threads - side_threads))
         boot.freed_threads = lambda: self.threads if self.proc.exitcode is not None else 0
-        self.first_step = boot.step
-        boot.step += self.steps  # the parts after it count on from where it will end
 
     def join(self, tracker) -> None:
-        """Wait (with a progress bar), then load the part and log its metrics as if trained here."""
+        """Wait (with a progress bar), then load the parts and log their metrics as if trained here."""
         self.boot.freed_threads = None
         tmp = self.handover.with_suffix(".tmp")
         tmp.write_text(str(self.threads))
         tmp.rename(self.handover)  # this process is done: the second one may use every thread
-        bar = tqdm(total=self.steps, desc=f"bootstrap {self.part} (second process)", unit="step",
+        name = " + ".join(self.parts)
+        bar = tqdm(total=self.steps, desc=f"bootstrap {name} (second process)", unit="step",
                    disable=not self.boot.progress)
         while self.proc.is_alive():
             bar.update(self._rows() - bar.n)
@@ -93,15 +96,15 @@ class SidePart:
         bar.close()
         torch.set_num_threads(self.threads)
         if self.proc.exitcode != 0:
-            reason = (self.error.read_text().splitlines()[0] if self.error.is_file()
-                      else f"exit code {self.proc.exitcode}")
-            raise ValueError(f"bootstrap {self.part} (second process) failed: {reason}")
-        step = self.boot.step
-        self.boot._load_part(self.part)
-        self.boot.step = step
+            where, reason = name, f"exit code {self.proc.exitcode}"
+            if self.error.is_file():  # "<part>: <error>" on its first line
+                where, reason = self.error.read_text().splitlines()[0].split(": ", 1)
+            raise ValueError(f"bootstrap {where} (second process) failed: {reason}")
+        for part in self.parts:
+            self.boot._load_part(part)
         for line in self.metrics.read_text().splitlines():
             row = json.loads(line)
-            self.boot._write(tracker, self.first_step + row.pop("step"), row)
+            self.boot._write(tracker, row.pop("step"), row)
 
     def stop(self) -> None:
         """End the second process if it still runs (the first one failed or was interrupted)."""

@@ -158,7 +158,7 @@ class TrainConfig:
     procs: int = 1                 # started without torchrun, `janusflow train` runs the stage in this
                                    # many local processes (torchrun --standalone, one thread each on a
                                    # 2-core CPU); the global batch is rows x grad_accum x procs.
-                                   # Bootstrap: 2 trains the VAE in a second process
+                                   # Bootstrap: 2 trains the VAE and the LLM in a second process
     attention: str = "sdpa"        # the LLM's attention over packed rows: "sdpa" with the dense
                                    # (B, 1, T, T) mask; "flex" (FlexAttention with a block mask
                                    # that skips the blocks between samples; CUDA only); or
