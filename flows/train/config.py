@@ -234,8 +234,8 @@ class TrainConfig:
 
         if self.stage == "bootstrap":
             if self.procs > 2:
-                raise ConfigError(f"procs must be 1 or 2 for stage bootstrap (2: the VAE trains in a "
-                                  f"second process), got {self.procs}")
+                raise ConfigError(f"procs must be 1 or 2 for stage bootstrap (2: the VAE and the LLM "
+                                  f"train in a second process), got {self.procs}")
             self.bootstrap.validate()
         else:
             try:
