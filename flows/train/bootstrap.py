@@ -47,7 +47,8 @@ from models.tokenizer import IMAGE
 
 PARTS = ("vae", "siglip", "llm")  # the order of one process, and of the step counter in either
 # With procs: 2 these train one after the other in a second process, SigLIP in the first: the shapes
-# SigLIP (~300 s on one thread) is about as long as the VAE and the LLM together (~210 + ~70 s).
+# SigLIP (~280-315 s, mostly on one thread) is about as long as the VAE and the LLM together on one
+# thread (136-156 + 76-85 s in the stop-30 demos; docs/benchmarks.md).
 SIDE_PARTS = ("vae", "llm")
 
 
@@ -99,7 +100,6 @@ class Bootstrap:
                 self._save_part(part)
             if side is not None:
                 side.join(tracker)
-            self.step = self.first_step(None)
             self.model.eval()
             model_dir = save_pretrained(self.model, self.processor, self.out / "model")
             tracker.finish(self.out, status="FINISHED")
@@ -112,11 +112,10 @@ class Bootstrap:
                 side.stop()
             self.log.close()
 
-    def first_step(self, part: str | None) -> int:
+    def first_step(self, part: str) -> int:
         """Where `part`'s steps start on the one step counter (PARTS' order, whichever process
-        trains it); None: the end of the last part."""
-        before = PARTS[:PARTS.index(part)] if part is not None else PARTS
-        return sum(getattr(self.b, f"{p}_steps") for p in before)
+        trains it)."""
+        return sum(getattr(self.b, f"{p}_steps") for p in PARTS[:PARTS.index(part)])
 
     # -- parts --------------------------------------------------------------------------------------
     def train_vae(self, tracker: Tracker) -> None:
