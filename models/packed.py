@@ -95,10 +95,11 @@ class PackedObjective(torch.nn.Module):
     torch.bfloat16 on GPU; None runs in the weights' dtype.
     """
 
-    def __init__(self, model, *, repa_weight: float = 1.0, autocast_dtype: torch.dtype | None = None,
-                 t_mean: float = 0.0, t_std: float = 1.0):
+    def __init__(self, model, *, repa_weight: float = 1.0, rf_weight: float = 1.0,
+                 autocast_dtype: torch.dtype | None = None, t_mean: float = 0.0, t_std: float = 1.0):
         super().__init__()
         self.model, self.repa_weight, self.autocast_dtype = model, repa_weight, autocast_dtype
+        self.rf_weight = rf_weight
         self.t_mean, self.t_std = t_mean, t_std
 
     def forward(self, *, input_ids, position_ids, attention_mask, roles, labels, und_pixels=None,
@@ -122,4 +123,5 @@ class PackedObjective(torch.nn.Module):
                                  attention_mask=attention_mask, roles=roles, labels=labels,
                                  und_pixels=und_pixels, latents=latents, repa_target=repa,
                                  generator=generator, repa_weight=self.repa_weight,
+                                 rf_weight=self.rf_weight,
                                  t_mean=self.t_mean, t_std=self.t_std)

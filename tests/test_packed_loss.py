@@ -95,6 +95,32 @@ def test_rf_times_follow_the_configured_logit_normal(tiny_copy):
         assert torch.allclose(out["t"], torch.sigmoid(u * std + mean))
 
 
+def test_rf_weight_scales_only_the_rf_term_and_its_gradients(tiny_copy):
+    """loss = ar + rf_weight * rf + repa_weight * repa: g_dec (which only RF reaches) gets rf_weight
+    times the gradient, the understanding aligner (which only AR reaches) the same one."""
+    from models.packed import PackedObjective
+
+    model, proc = tiny_copy.model, tiny_copy.processor
+    randomize_(model)
+    samples = _samples(proc, model.config)
+    inputs, _ = _inputs(model, samples, [[0, 1, 2, 3]], 400, proc.pad_id)
+    gen_pixels = torch.stack([s.image for s in samples if s.kind == "gen"])
+    grads = {}
+    for weight in (1.0, 4.0):
+        model.zero_grad(set_to_none=True)
+        out = PackedObjective(model, rf_weight=weight)(**inputs, gen_pixels=gen_pixels,
+                                                       generator=torch.Generator().manual_seed(3))
+        assert out["loss"].item() == pytest.approx(out["ar"].item() + weight * out["rf"].item()
+                                                   + out["repa"].item(), rel=1e-5)
+        out["loss"].backward()
+        params = dict(model.named_parameters())
+        grads[weight] = {k: params[k].grad.clone() for k in ("gen_decoder.out_proj.weight", "und_aligner.weight")}
+    assert torch.allclose(grads[4.0]["gen_decoder.out_proj.weight"], 4 * grads[1.0]["gen_decoder.out_proj.weight"],
+                          rtol=1e-4, atol=1e-7)
+    assert torch.allclose(grads[4.0]["und_aligner.weight"], grads[1.0]["und_aligner.weight"], rtol=1e-4, atol=1e-7)
+    assert grads[1.0]["und_aligner.weight"].abs().sum() > 0
+
+
 def test_gradients_reach_every_trainable_part(tiny_copy):
     model, proc = tiny_copy.model, tiny_copy.processor
     samples = _samples(proc, model.config)

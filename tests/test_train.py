@@ -262,6 +262,8 @@ def test_config_errors_name_the_field(train_env, tmp_path, capsys):
         TrainConfig(decay_steps=0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="vision_lr must be positive"):
         TrainConfig(vision_lr=0.0).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="rf_weight must be >= 0, got -2.0"):
+        TrainConfig(rf_weight=-2.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="t_std must be positive"):
         TrainConfig(t_std=0.0).validate(check_paths=False)
     with pytest.raises(ConfigError, match="attention must be one of sdpa, flex"):

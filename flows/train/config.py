@@ -154,6 +154,8 @@ class TrainConfig:
     dtype: str = "fp32"            # autocast: fp32, bf16, or auto (bf16 on a GPU or a CPU with AMX or AVX512-BF16,
                                    # where it is faster; fp32 elsewhere); the weights stay fp32
     repa_weight: float = 1.0
+    rf_weight: float = 1.0         # the RF term's weight in the loss (AR's is 1): the paper adds them
+                                   # unweighted; a small LLM's AR gradients can dwarf RF's
     parallel: str = "fsdp"         # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
     procs: int = 1                 # started without torchrun, `janusflow train` runs the stage in this
                                    # many local processes (torchrun --standalone, one thread each on a
@@ -217,8 +219,11 @@ class TrainConfig:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not self.t_std > 0:
             raise ConfigError(f"t_std must be positive, got {self.t_std}")
-        if self.grad_clip <= 0 or self.weight_decay < 0 or self.repa_weight < 0:
-            raise ConfigError("grad_clip must be positive, weight_decay and repa_weight >= 0")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip}")
+        for name in ("weight_decay", "repa_weight", "rf_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.parallel not in PARALLEL:

@@ -102,8 +102,8 @@ class Trainer:
         # step ~1.2x faster); FSDP2's bf16 parameter all-gathers only on CUDA
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         bf16 = self.dtype == "bf16"
-        objective = PackedObjective(self.model, repa_weight=cfg.repa_weight, t_mean=cfg.t_mean,
-                                    t_std=cfg.t_std,
+        objective = PackedObjective(self.model, repa_weight=cfg.repa_weight, rf_weight=cfg.rf_weight,
+                                    t_mean=cfg.t_mean, t_std=cfg.t_std,
                                     autocast_dtype=torch.bfloat16 if bf16 else None)
         self.objective = parallelize(objective, mode=cfg.parallel, world=self.world,
                                      device=self.device, bf16=bf16 and self.device.type == "cuda")
